@@ -1,0 +1,69 @@
+"""Reward: score every main rollout from embeddings alone (no labels), GRACE's way.
+
+Components per rollout i of group g (d = document/text rollout, q = query, n = hard negative; all
+cosines of unit vectors; the kernel computes them in one pass, see kernels/cosine_reward.py):
+
+    positive        cos(q_i, d_i)                               pull the text towards its query
+    negative        −cos(q_g, n_g)                              push the hard negative away (constant in a group)
+    consistency     mean_{j≠i in g} cos(d_i, d_j)               agree with the group's other rationales
+    cross_group     −mean_{g'≠g} max_j cos(q_i, d_j^{g'})       (supervised) / −mean cos(d_i, q_{g'}) (unsupervised)
+    discriminative  log softmax_{g'} cos(d_i, q_{g'})/τ at g    in-batch InfoNCE: each rollout against all queries
+
+    total = (w_pos·positive + w_neg·negative + w_cons·consistency + w_cross·cross_group)/τ + w_disc·discriminative
+
+`--reward grace` is GRACE's exact formula (w_disc = 0). In GRACE's supervised formula the negative
+and cross-group terms are the same for every member of a group, so they vanish in the group-centered
+advantage and nothing pushes different texts apart; the default `contrastive` adds the per-rollout
+discriminative term, which does (README has the numbers). A rationale cut at max_new_tokens without
+EOS gets `length_penalty` instead of its total. A non-finite reward is an error, never a silent 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GraceConfig
+from .kernels import REWARD_COMPONENTS, RewardWeights, grace_reward
+
+
+class RewardError(RuntimeError):
+    """The reward could not be computed (non-finite values or bad shapes)."""
+
+
+@dataclass
+class Rewards:
+    total: torch.Tensor  # [P*G] fp32, after the length penalty
+    parts: dict[str, torch.Tensor]  # component name → [P*G] raw (unweighted) values
+
+
+def reward_weights(cfg: GraceConfig) -> RewardWeights:
+    return RewardWeights(
+        positive=cfg.w_positive, negative=cfg.w_negative, consistency=cfg.w_consistency,
+        cross_group=cfg.w_cross_group,
+        discriminative=cfg.w_discriminative if cfg.reward == "contrastive" else 0.0,
+    )
+
+
+def compute_rewards(doc_emb: torch.Tensor, query_emb: torch.Tensor, neg_emb: torch.Tensor | None,
+                    truncated: torch.Tensor, cfg: GraceConfig, mode: str) -> Rewards:
+    """doc_emb [P*G, H], query_emb [P, H], neg_emb [P, H] or None, truncated [P*G] → Rewards."""
+    total, parts = grace_reward(doc_emb, query_emb, neg_emb, cfg.group_size, cfg.tau, reward_weights(cfg), mode=mode)
+    bad = ~torch.isfinite(total)
+    if bad.any():
+        names = [k for k in REWARD_COMPONENTS if not torch.isfinite(parts[k]).all()]
+        raise RewardError(f"{int(bad.sum())} of {total.numel()} rewards are not finite "
+                          f"(components: {names or 'weights'}); embeddings finite: {bool(torch.isfinite(doc_emb).all())}")
+    total = torch.where(truncated, torch.full_like(total, cfg.length_penalty), total)
+    return Rewards(total, parts)
+
+
+def cross_text_cosine(doc_emb: torch.Tensor, group_size: int) -> float:
+    """Mean cosine between rollouts of *different* texts: the collapse signal (→ 1 when all embeddings agree)."""
+    emb = torch.nn.functional.normalize(doc_emb.float(), dim=-1)
+    group_sums = emb.view(-1, group_size, emb.shape[-1]).sum(1)  # [P, H]
+    all_pairs = emb.sum(0).square().sum()  # Σ_{i,j} cos(d_i, d_j)
+    same_group = group_sums.square().sum(-1).sum()  # Σ over pairs within a group (incl. i = j)
+    n, n_groups = emb.shape[0], group_sums.shape[0]
+    cross_pairs = n * n - n_groups * group_size * group_size
+    return float((all_pairs - same_group) / max(cross_pairs, 1))

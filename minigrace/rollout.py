@@ -1,0 +1,122 @@
+"""Rollout: sample rationales for a batch of chat prompts with a KV cache.
+
+All prompts of a step (G copies of each main prompt at temperature 1.0, one query and one negative
+prompt at 0.5) go through one batched generation with a per-row temperature. Prompts are
+left-padded to a common width P, so every response starts at column P:
+
+    ids  = [pad pad <prompt tokens> | r1 r2 ... EOS pad pad]
+           <------- P columns ------> <-- max_new_tokens -->
+
+The result carries every mask the later stages need, so no stage re-tokenizes or decodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .prompts import ChatPrompt
+
+
+@dataclass
+class Rollouts:
+    ids: torch.Tensor  # [N, L] long: left-padded prompt | right-padded response
+    attention: torch.Tensor  # [N, L] long: 1 on real tokens (prompt and response up to EOS)
+    response_mask: torch.Tensor  # [N, L] bool: generated tokens, the first EOS included
+    pool_mask: torch.Tensor  # [N, L] bool: first user-text token .. end of response (the embedding span)
+    truncated: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
+    prompt_truncated: torch.Tensor  # [N] bool: the input text was cut to fit max_prompt_len
+    prompt_width: int  # P: responses start at this column
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # [N]
+        return self.response_mask.sum(-1)
+
+    def position_ids(self) -> torch.Tensor:  # [N, L]: 0 at each row's first real token
+        return (self.attention.cumsum(-1) - 1).clamp(min=0)
+
+    def rows(self, index) -> "Rollouts":
+        """A sub-batch (e.g. a micro-batch or the main rollouts only)."""
+        return Rollouts(self.ids[index], self.attention[index], self.response_mask[index],
+                        self.pool_mask[index], self.truncated[index], self.prompt_truncated[index],
+                        self.prompt_width)
+
+    def responses(self) -> list[list[int]]:
+        """The generated token ids of each row, EOS included."""
+        return [row[mask].tolist() for row, mask in zip(self.ids, self.response_mask)]
+
+
+def left_pad(prompts: list[ChatPrompt], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack prompts right-aligned. Returns ids [N, P], attention [N, P], pool_start [N] (column index)."""
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    pool_start = torch.empty(len(prompts), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        offset = width - len(p.ids)
+        ids[row, offset:] = torch.tensor(p.ids)
+        attention[row, offset:] = 1
+        pool_start[row] = offset + p.pool_start
+    return ids.to(device), attention.to(device), pool_start.to(device)
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """One token per row. logits [N, V]; temperature [N] (0 = greedy) → [N]."""
+    greedy = logits.argmax(-1)
+    scaled = logits.float() / temperature.clamp(min=1e-5)[:, None]
+    probs = scaled.softmax(-1)
+    if top_p < 1.0:
+        # Nucleus: keep the smallest set of tokens whose mass reaches top_p (the top token always).
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
+             eos_ids: list[int], pad_id: int, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> Rollouts:
+    """Sample one rationale per prompt (repeat a prompt in `prompts` to get a group)."""
+    device = model.device
+    ids, attention, pool_start = left_pad(prompts, pad_id, device)  # [N, P]
+    n, width = ids.shape
+    temperature = temperature.to(device)
+    eos = torch.tensor(eos_ids, device=device)
+    position = (attention.cumsum(-1) - 1).clamp(min=0)
+
+    # Prefill the prompts, then decode one token at a time from the cache.
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    next_position = position[:, -1] + 1
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    new_tokens, alive_masks = [], []
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        alive_masks.append(~finished)  # this token belongs to the response (EOS included)
+        new_tokens.append(token)
+        finished = finished | torch.isin(token, eos)
+        if finished.all():
+            break
+        attention = torch.cat([attention, (~finished).long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_position = next_position + 1
+
+    response = torch.stack(new_tokens, dim=1)  # [N, R]
+    response_alive = torch.stack(alive_masks, dim=1)  # [N, R]
+    prompt_attention = attention[:, :width]
+    full_ids = torch.cat([ids, response], dim=1)  # [N, P+R]
+    full_attention = torch.cat([prompt_attention, response_alive.long()], dim=1)
+    response_mask = torch.cat([torch.zeros_like(prompt_attention, dtype=torch.bool), response_alive], dim=1)
+    columns = torch.arange(full_ids.shape[1], device=device)
+    pool_mask = (columns[None, :] >= pool_start[:, None]) & full_attention.bool()
+    return Rollouts(
+        ids=full_ids, attention=full_attention, response_mask=response_mask, pool_mask=pool_mask,
+        truncated=~finished, prompt_truncated=torch.tensor([p.truncated for p in prompts], device=device),
+        prompt_width=width,
+    )

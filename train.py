@@ -1,0 +1,28 @@
+"""Train an instruct LLM as a text encoder with GRACE.
+
+    python train.py                          # built-in tiny model + data, CPU, a few minutes
+    python train.py --model qwen2.5-1.5b     # a GRACE backbone with GRACE's settings (GPU)
+    python train.py --data my.jsonl --mode supervised --max-steps 200 --out runs/mine
+    python train.py --help                   # every option with its default
+"""
+import sys
+
+from minigrace.config import parse_args
+
+
+def main() -> int:
+    cfg, resume = parse_args()
+    from minigrace.data import DataError
+    from minigrace.models import ModelNotAvailable
+    from minigrace.train import main as train
+
+    try:
+        train(cfg, resume)
+    except (ModelNotAvailable, DataError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
