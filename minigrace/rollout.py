@@ -11,6 +11,7 @@ The result carries every mask the later stages need, so no stage re-tokenizes or
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,11 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: float, g
     return torch.where(temperature > 0, sampled, greedy)
 
 
+def _cache(out):
+    """The KV cache of a forward's output: `cache` in recent transformers, `past_key_values` before."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 @torch.no_grad()
 def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, top_p: float = 1.0,
@@ -86,10 +92,11 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
     temperature = temperature.to(device)
     eos = torch.tensor(eos_ids, device=device)
     position = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # Prefill the prompts, then decode one token at a time from the cache.
     out = model(input_ids=ids, attention_mask=attention, position_ids=position, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = _cache(out), out.logits[:, -1]
     next_position = position[:, -1] + 1
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     new_tokens, alive_masks = [], []
@@ -103,8 +110,8 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
             break
         attention = torch.cat([attention, (~finished).long()[:, None]], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    use_cache=True, **{cache_arg: cache})
+        cache, logits = _cache(out), out.logits[:, -1]
         next_position = next_position + 1
 
     response = torch.stack(new_tokens, dim=1)  # [N, R]
