@@ -168,7 +168,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[GraceConfig, str]:
     explicit = {k: v for k, v in vars(args).items() if v != defaults[k]}
     resume = explicit.pop("resume", "")
     values = {f.name: f.default for f in fields(GraceConfig)}
-    file_values = _load_file(explicit["config"]) if explicit.get("config") else {}
+    try:
+        file_values = _load_file(explicit["config"]) if explicit.get("config") else {}
+    except (OSError, ValueError) as e:
+        parser.error(f"--config: {e}")
     model = explicit.get("model", file_values.get("model", values["model"]))
     values.update(PRESETS.get(model, {}))
     values.update(file_values)

@@ -5,3 +5,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The built-in tiny model and tokenizer (built once and cached under $MINIGRACE_CACHE)."""
+    from minigrace.builtin import load_tiny
+
+    return load_tiny()

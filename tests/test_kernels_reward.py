@@ -1,0 +1,150 @@
+"""grace_reward: hand-computed components, and Triton (interpreter) vs the torch reference."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from minigrace.kernels import REWARD_COMPONENTS, RewardWeights, grace_reward, grace_reward_reference
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MINIGRACE_KERNELS", request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- a case worked out by hand
+# P = 2 groups of G = 3, H = 2. Inputs are deliberately not unit length (cosine normalizes).
+#   docs:    d0 = (1, 0)  d1 = (0, 1)  d2 = (1, 1)   | d3 = (3, 4)  d4 = (0, -2)  d5 = (-1, 0)
+#   units:   (1, 0)       (0, 1)       (s, s)        | (.6, .8)     (0, -1)       (-1, 0)        s = 1/sqrt(2)
+#   queries: q0 = (2, 0) -> (1, 0);  q1 = (0, 3) -> (0, 1)
+#   negatives: n0 = (1, 1) -> (s, s);  n1 = (2, -2) -> (s, -s)
+S = 2 ** -0.5
+DOCS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 4.0], [0.0, -2.0], [-1.0, 0.0]])
+QUERIES = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+NEGATIVES = torch.tensor([[1.0, 1.0], [2.0, -2.0]])
+TAU = 0.5
+HAND = {
+    # cos(q_g, d_i): q0.(1,0)=1, q0.(0,1)=0, q0.(s,s)=s | q1.(.6,.8)=.8, q1.(0,-1)=-1, q1.(-1,0)=0
+    "positive": [1.0, 0.0, S, 0.8, -1.0, 0.0],
+    # -cos(q_g, n_g): -(1,0).(s,s) = -s ; -(0,1).(s,-s) = +s
+    "negative": [-S, -S, -S, S, S, S],
+    # group 0 pair cosines: c01 = 0, c02 = s, c12 = s -> i0: (0+s)/2, i1: (0+s)/2, i2: (s+s)/2
+    # group 1 pair cosines: c34 = -.8, c35 = -.6, c45 = 0 -> i3: -.7, i4: -.4, i5: -.3
+    "consistency": [S / 2, S / 2, S, -0.7, -0.4, -0.3],
+    # supervised: -max_j cos(q_g, d_j) over the other group: q0 vs {.6, 0, -1} -> -.6; q1 vs {0, 1, s} -> -1
+    "cross_group": [-0.6] * 3 + [-1.0] * 3,
+    # log_softmax([cos(d_i, q0), cos(d_i, q1)] / 0.5)[own]:
+    #   i0 (2, 0) own 0: -log(1 + e^-2)      i1 (0, 2) own 0: -2 - log(1 + e^-2)   i2 (2s, 2s): -log 2
+    #   i3 (1.2, 1.6) own 1: -log(1 + e^-.4) i4 (0, -2) own 1: -2 - log(1 + e^-2)  i5 (-2, 0) own 1: -log(1 + e^-2)
+    "discriminative": [-math.log1p(math.exp(-2)), -2 - math.log1p(math.exp(-2)), -math.log(2),
+                       -math.log1p(math.exp(-0.4)), -2 - math.log1p(math.exp(-2)), -math.log1p(math.exp(-2))],
+}
+# unsupervised cross group: -cos(d_i, q_other): group 0 vs q1 = (0, 1): -0, -1, -s; group 1 vs q0 = (1, 0): -.6, 0, 1
+HAND_UNSUP_CROSS = [0.0, -1.0, -S, -0.6, 0.0, 1.0]
+
+
+def hand_total(parts, w, tau):
+    t = lambda name: torch.tensor(parts[name])
+    return ((w.positive * t("positive") + w.negative * t("negative") + w.consistency * t("consistency")
+             + w.cross_group * t("cross_group")) / tau + w.discriminative * t("discriminative"))
+
+
+@pytest.mark.parametrize("query_per_rollout", [False, True])
+def test_hand_computed_supervised(backend, query_per_rollout):
+    queries = QUERIES.repeat_interleave(3, 0) if query_per_rollout else QUERIES
+    w = RewardWeights(discriminative=0.5)
+    total, parts = grace_reward(DOCS, queries, NEGATIVES, 3, TAU, w)
+    assert set(parts) == set(REWARD_COMPONENTS)
+    for name in REWARD_COMPONENTS:
+        torch.testing.assert_close(parts[name], torch.tensor(HAND[name]), msg=name)
+    torch.testing.assert_close(total, hand_total(HAND, w, TAU))
+
+
+def test_hand_computed_unsupervised(backend):
+    w = RewardWeights(discriminative=0.5)
+    total, parts = grace_reward(DOCS, QUERIES, NEGATIVES, 3, TAU, w, mode="unsupervised")
+    expected = dict(HAND, negative=[0.0] * 6, cross_group=HAND_UNSUP_CROSS)  # negatives ignored unsupervised
+    for name in REWARD_COMPONENTS:
+        torch.testing.assert_close(parts[name], torch.tensor(expected[name]), msg=name)
+    torch.testing.assert_close(total, hand_total(expected, w, TAU))
+
+
+def test_degenerate_groups(backend):
+    # G = 1: no other members -> consistency 0.  P = 1: no other groups -> cross_group and discriminative 0.
+    _, parts = grace_reward(DOCS, QUERIES.repeat_interleave(3, 0), None, 1, TAU)
+    assert (parts["consistency"] == 0).all() and (parts["negative"] == 0).all()
+    _, parts = grace_reward(DOCS[:3], QUERIES[:1], NEGATIVES[:1], 3, TAU, RewardWeights(discriminative=1.0))
+    assert (parts["cross_group"] == 0).all() and (parts["discriminative"] == 0).all()
+    torch.testing.assert_close(parts["consistency"], torch.tensor(HAND["consistency"][:3]))
+
+
+# ----------------------------------------------------------------------------- Triton vs reference
+def random_embeddings(P, G, H, dtype=torch.float32, query_rows="group", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    docs = torch.randn(P * G, H, generator=g).to(dtype)
+    queries = torch.randn(P * G if query_rows == "rollout" else P, H, generator=g).to(dtype)
+    negatives = torch.randn(P, H, generator=g).to(dtype)
+    return docs, queries, negatives
+
+
+@pytest.mark.parametrize("P,G,H", [(1, 1, 1), (3, 1, 5), (1, 4, 7), (3, 3, 37), (2, 5, 300)])
+@pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
+def test_triton_matches_reference(monkeypatch, P, G, H, mode):
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    w = RewardWeights(discriminative=0.3)
+    for query_rows in ("group", "rollout"):
+        for with_neg in (True, False):
+            docs, queries, negatives = random_embeddings(P, G, H, query_rows=query_rows, seed=P * 100 + G * 10 + H)
+            neg = negatives if with_neg else None
+            total, parts = grace_reward(docs, queries, neg, G, 0.1, w, mode)
+            ref_total, ref_parts = grace_reward_reference(docs, queries, neg, G, 0.1, w, mode)
+            for name in REWARD_COMPONENTS:
+                assert parts[name].dtype == torch.float32 and parts[name].shape == (P * G,)
+                torch.testing.assert_close(parts[name], ref_parts[name], atol=1e-5, rtol=1e-5, msg=name)
+            torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(backend, dtype):
+    # cosines are computed in fp32 from the half inputs: compare with the reference on the same half inputs
+    docs, queries, negatives = random_embeddings(3, 4, 40, dtype)
+    total, parts = grace_reward(docs, queries, negatives, 4, 0.1, RewardWeights(discriminative=0.3))
+    ref_total, ref_parts = grace_reward_reference(docs.float(), queries.float(), negatives.float(), 4, 0.1,
+                                                  RewardWeights(discriminative=0.3))
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+
+
+def test_validation_errors(backend):
+    docs, queries, negatives = random_embeddings(2, 3, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        grace_reward(docs, queries, negatives, 4, 0.1)  # 6 rows, groups of 4
+    with pytest.raises(ValueError, match="query_emb"):
+        grace_reward(docs, queries[:, :3], negatives, 3, 0.1)  # H mismatch
+    with pytest.raises(ValueError, match="query_emb"):
+        grace_reward(docs, queries[:1], negatives, 3, 0.1)  # neither P nor P*G rows
+    with pytest.raises(ValueError, match="neg_emb"):
+        grace_reward(docs, queries, negatives[:1], 3, 0.1)
+    with pytest.raises(ValueError, match="mode"):
+        grace_reward(docs, queries, negatives, 3, 0.1, mode="semi")
+    with pytest.raises(ValueError, match="tau"):
+        grace_reward(docs, queries, negatives, 3, 0.0)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(P=st.integers(1, 4), G=st.integers(1, 4), H=st.integers(1, 24), scale=st.floats(0.01, 100.0),
+       mode=st.sampled_from(["supervised", "unsupervised"]), seed=st.integers(0, 2**16))
+def test_property_triton_matches_reference_and_scale_invariance(monkeypatch, P, G, H, scale, mode, seed):
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    docs, queries, negatives = random_embeddings(P, G, H, seed=seed)
+    w = RewardWeights(discriminative=0.5)
+    total, parts = grace_reward(docs, queries, negatives, G, 0.1, w, mode)
+    ref_total, _ = grace_reward_reference(docs, queries, negatives, G, 0.1, w, mode)
+    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+    scaled_total, _ = grace_reward(docs * scale, queries * scale, negatives, G, 0.1, w, mode)  # cosine ignores scale
+    torch.testing.assert_close(scaled_total, total, atol=1e-4, rtol=1e-4)
+    for name in ("positive", "consistency"):
+        assert (parts[name].abs() <= 1 + 1e-5).all()
+    assert (parts["discriminative"] <= 1e-6).all()  # a log-probability
