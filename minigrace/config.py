@@ -64,7 +64,10 @@ class GraceConfig:
     w_consistency: float = _f(0.2, "weight of the mean cosine to the other rollouts of the group")
     w_cross_group: float = _f(0.2, "weight of the cross-group (in-batch negative) term")
     w_discriminative: float = _f(1.0, "weight of the in-batch InfoNCE term (used by --reward contrastive)")
-    length_penalty: float = _f(-1.0, "reward that replaces the total of a rationale truncated without EOS")
+    length_penalty: float = _f(-1.0, "penalty for a rationale truncated without EOS (see --length-penalty-mode)")
+    length_penalty_mode: str = _f("relative", "relative: the group's worst complete reward + penalty (always ranks "
+                                              "last); constant: the reward becomes the penalty (GRACE)",
+                                  choices=("relative", "constant"))
 
     # --- policy update ---------------------------------------------------------------------------
     lr: float = _f(1e-6, "AdamW learning rate (GRACE: 1e-6, constant)")

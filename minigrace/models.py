@@ -43,9 +43,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def model_source(name: str) -> str:
     """The directory or HF id that `name` stands for."""
     if name == "tiny":
-        from .builtin import load_tiny
-        model, _ = load_tiny()  # builds and caches on first use
-        return model.name_or_path
+        from .builtin import load_tiny, tiny_path
+        if not os.path.isdir(tiny_path()):
+            load_tiny()  # builds and caches it (once, about a minute)
+        return tiny_path()
     if name == "smollm2-135m":
         from .smollm2 import smollm2_dir
         return smollm2_dir()

@@ -15,7 +15,7 @@ cosines of unit vectors; the kernel computes them in one pass, see kernels/cosin
 and cross-group terms are the same for every member of a group, so they vanish in the group-centered
 advantage and nothing pushes different texts apart; the default `contrastive` adds the per-rollout
 discriminative term, which does (README has the numbers). A rationale cut at max_new_tokens without
-EOS gets `length_penalty` instead of its total. A non-finite reward is an error, never a silent 0.
+EOS is penalized (see `apply_length_penalty`). A non-finite reward is an error, never a silent 0.
 """
 from __future__ import annotations
 
@@ -54,8 +54,26 @@ def compute_rewards(doc_emb: torch.Tensor, query_emb: torch.Tensor, neg_emb: tor
         names = [k for k in REWARD_COMPONENTS if not torch.isfinite(parts[k]).all()]
         raise RewardError(f"{int(bad.sum())} of {total.numel()} rewards are not finite "
                           f"(components: {names or 'weights'}); embeddings finite: {bool(torch.isfinite(doc_emb).all())}")
-    total = torch.where(truncated, torch.full_like(total, cfg.length_penalty), total)
-    return Rewards(total, parts)
+    return Rewards(apply_length_penalty(total, truncated, cfg.group_size, cfg.length_penalty,
+                                        cfg.length_penalty_mode), parts)
+
+
+def apply_length_penalty(total: torch.Tensor, truncated: torch.Tensor, group_size: int, penalty: float,
+                         mode: str) -> torch.Tensor:
+    """Replace the reward of rationales cut without EOS.
+
+    constant (GRACE): the reward becomes `penalty`. That is only a penalty while complete rationales
+    score above it; with an in-batch term the totals are often negative, and then a constant −1
+    *rewards* never stopping (we saw the tiny model learn exactly that in 7 steps).
+    relative (default): the reward becomes the group's worst complete reward + `penalty`, so a
+    truncated rationale always ranks below every complete one of its group.
+    """
+    if mode == "constant":
+        return torch.where(truncated, torch.full_like(total, penalty), total)
+    groups, cut = total.view(-1, group_size), truncated.view(-1, group_size)  # [P, G]
+    worst_complete = groups.masked_fill(cut, float("inf")).amin(-1, keepdim=True)  # [P, 1]
+    floor = torch.where(torch.isinf(worst_complete), torch.full_like(worst_complete, penalty), worst_complete + penalty)
+    return torch.where(cut, floor.expand_as(groups), groups).flatten()
 
 
 def cross_text_cosine(doc_emb: torch.Tensor, group_size: int) -> float:

@@ -6,7 +6,7 @@ import torch
 
 from minigrace.advantage import compute_advantages
 from minigrace.config import GraceConfig
-from minigrace.reward import RewardError, compute_rewards, cross_text_cosine
+from minigrace.reward import RewardError, apply_length_penalty, compute_rewards, cross_text_cosine
 
 
 def unit(*v):
@@ -44,10 +44,22 @@ def test_contrastive_adds_the_in_batch_infonce_term():
     assert contrastive.total[0].item() == pytest.approx(grace.total[0].item() + 2.0 * disc0, abs=1e-5)
 
 
-def test_length_penalty_replaces_the_total():
+def test_length_penalty_constant_is_grace_and_relative_ranks_truncated_last():
+    total = torch.tensor([-5.0, -7.0, -6.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0])
+    truncated = torch.tensor([False, True, False, True, False, False, True, True, True])
+    grace = apply_length_penalty(total, truncated, 3, -1.0, "constant")
+    torch.testing.assert_close(grace, torch.tensor([-5.0, -1.0, -6.0, -1.0, 3.0, 4.0, -1.0, -1.0, -1.0]))
+    # constant −1 would rank the truncated rationale of group 0 *first*; relative puts it below −6.
+    relative = apply_length_penalty(total, truncated, 3, -1.0, "relative")
+    torch.testing.assert_close(relative, torch.tensor([-5.0, -7.0, -6.0, 2.0, 3.0, 4.0, -1.0, -1.0, -1.0]))
+    # group 0: worst complete −6 → −7; group 1: worst complete 3 → 2; group 2: all cut → the penalty
+
+
+def test_compute_rewards_applies_the_length_penalty():
     docs, queries = torch.randn(6, 4), torch.randn(2, 4)
     truncated = torch.tensor([False, True, False, False, False, True])
-    r = compute_rewards(docs, queries, None, truncated, GraceConfig(group_size=3, length_penalty=-1.0), "supervised")
+    cfg = GraceConfig(group_size=3, length_penalty=-1.0, length_penalty_mode="constant")
+    r = compute_rewards(docs, queries, None, truncated, cfg, "supervised")
     assert r.total[1] == -1.0 and r.total[5] == -1.0 and r.total[0] != -1.0
 
 
