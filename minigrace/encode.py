@@ -1,17 +1,57 @@
 """Encode: texts → embeddings, each made from a rationale the model writes (GRACE at inference).
 
-The pooling rule is exactly the training rule, applied to token ids (no decode/re-tokenize round
-trip): mean of the last-layer hidden states from the first user-text token through the rationale's
-EOS. Greedy decoding by default, so the same text always gives the same vector.
+    from minigrace import Encoder
+    enc = Encoder("runs/<run>/checkpoint-final")
+    emb = enc.encode(["a query", "a document"])        # numpy [2, H], unit norm
+    enc.similarity(emb[:1], emb[1:])                    # torch [1, 1] cosine
+
+Each text is wrapped in GRACE's chat (system prompt + user text), the model writes a rationale
+(greedy by default, so the same text always gives the same vector), and the embedding is the mean of
+the last-layer hidden states over user text + assistant header + rationale + EOS: exactly the
+training rule, applied to the token ids (no decode/re-tokenize round trip). rationale="none" pools
+the prompt alone (user text + assistant header): the paper's "Base" embedding.
+
+Defined behaviour at the edges:
+  - a text that is not a str: TypeError naming its index;
+  - an empty string: embeds the empty user turn (the pool starts where the text would be: the end-of-turn
+    marker, the assistant header and the rationale), like sentence-transformers embeds "";
+  - a text longer than max_prompt_len tokens (with the template): right-truncated, one warning counting them;
+  - an empty list: an empty [0, H] result.
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
 import torch
 
-from .embed import forward_rollouts
+from .embed import microbatches, trim
+from .kernels import masked_mean_pool
+from .loss import policy_forward
 from .models import eos_token_ids
-from .prompts import chat_prompt
+from .prompts import SYSTEM_PROMPT, ChatPrompt, chat_prompt, render_chat
 from .rollout import Rollouts, generate, left_pad
+
+# GRACE's evaluation limits (eval_mteb.py: THINKING_MAX_LENGTH, INPUT_MAX_LENGTH).
+GRACE_MAX_NEW_TOKENS = 2048
+GRACE_MAX_PROMPT_LEN = 1024
+RATIONALE_MODES = ("generate", "none")
+
+
+# -----------------------------------------------------------------------------
+# Prompts → pooled embeddings (the functional core, shared by Encoder and the trainer's eval)
+
+
+def empty_prompt(tokenizer) -> ChatPrompt:
+    """The chat for an empty user text; pooling starts where the text would have been."""
+    probe = render_chat(tokenizer, "x")
+    char_start = probe.index("x", probe.index(SYSTEM_PROMPT) + len(SYSTEM_PROMPT))
+    enc = tokenizer(render_chat(tokenizer, ""), add_special_tokens=False, return_offsets_mapping=True)
+    pool_start = next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > char_start)
+    return ChatPrompt(enc["input_ids"], pool_start, truncated=False)
 
 
 def prompt_only_rollouts(prompts, pad_id: int, device) -> Rollouts:
@@ -25,28 +65,220 @@ def prompt_only_rollouts(prompts, pad_id: int, device) -> Rollouts:
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], *, max_new_tokens: int, max_prompt_len: int,
-                batch_size: int = 64, rationale: bool = True, temperature: float = 0.0, seed: int = 0,
-                max_tokens_per_microbatch: int = 16384, progress: bool = False
-                ) -> tuple[torch.Tensor, list[str]]:
-    """Embed `texts` → (embeddings [n, H] fp32 on CPU, unit norm; rationale strings)."""
+def pool_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int = 16384,
+                  normalize: bool = True) -> torch.Tensor:
+    """Mean of the last-layer hidden states over each row's pool_mask → [N, H] fp32 (the training rule)."""
+    n = rollouts.ids.shape[0]
+    out = torch.empty(n, model.config.hidden_size, dtype=torch.float32, device=rollouts.ids.device)
+    for rows in microbatches(rollouts.attention.sum(-1), max_tokens_per_microbatch):
+        rows = rows.to(rollouts.ids.device)
+        part, _ = trim(rollouts.rows(rows))
+        hidden = policy_forward(model, part.ids, part.attention)  # [n, L', H]
+        out[rows] = masked_mean_pool(hidden, part.pool_mask, normalize=normalize).float()
+    return out
+
+
+@torch.no_grad()
+def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens: int, batch_size: int = 64,
+                  rationale: bool = True, temperature: float = 0.0, seed: int = 0, normalize: bool = True,
+                  max_tokens_per_microbatch: int = 16384, progress: bool = False
+                  ) -> tuple[torch.Tensor, list[list[int]]]:
+    """Embed templated prompts → (embeddings [n, H] fp32 on CPU; rationale token ids, EOS included).
+
+    Prompts are batched longest first (less padding) and the results put back in input order."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(seed)
     eos_ids, pad_id = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
-    embeddings, rationales = [], []
-    for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not progress, leave=False):
-        prompts = [chat_prompt(tokenizer, t, max_prompt_len) for t in texts[start:start + batch_size]]
-        if rationale:
-            temps = torch.full((len(prompts),), float(temperature))
-            rollouts = generate(model, prompts, temps, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                pad_id=pad_id, generator=generator)
-            rationales += tokenizer.batch_decode(rollouts.responses(), skip_special_tokens=True)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+    embeddings = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
+    responses: list[list[int]] = [[] for _ in prompts]
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="encode", disable=not progress, leave=False):
+            index = order[start:start + batch_size]
+            batch = [prompts[i] for i in index]
+            if rationale:
+                temps = torch.full((len(batch),), float(temperature))
+                rollouts = generate(model, batch, temps, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                    pad_id=pad_id, generator=generator)
+                for i, ids in zip(index, rollouts.responses()):
+                    responses[i] = ids
+            else:
+                rollouts = prompt_only_rollouts(batch, pad_id, model.device)
+            embeddings[index] = pool_rollouts(model, rollouts, max_tokens_per_microbatch, normalize).cpu()
+    finally:
+        model.train(was_training)
+    return embeddings, responses
+
+
+def embed_texts(model, tokenizer, texts: list[str], *, max_new_tokens: int, max_prompt_len: int,
+                batch_size: int = 64, rationale: bool = True, temperature: float = 0.0, seed: int = 0,
+                max_tokens_per_microbatch: int = 16384, progress: bool = False
+                ) -> tuple[torch.Tensor, list[str]]:
+    """Embed non-empty `texts` → (embeddings [n, H] fp32 on CPU, unit norm; rationale strings)."""
+    prompts = [chat_prompt(tokenizer, t, max_prompt_len) for t in texts]
+    emb, responses = embed_prompts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   rationale=rationale, temperature=temperature, seed=seed,
+                                   max_tokens_per_microbatch=max_tokens_per_microbatch, progress=progress)
+    return emb, tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+# -----------------------------------------------------------------------------
+# Encoder: the sentence-transformers-style front end
+
+
+def run_config(checkpoint: str) -> dict:
+    """The training run's config.json for a checkpoint inside a run directory ({} otherwise)."""
+    if not isinstance(checkpoint, str) or not os.path.isdir(checkpoint):
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) and "model" in cfg and "max_new_tokens" in cfg else {}
+
+
+def default_lengths(model_or_path) -> tuple[int, int]:
+    """(max_new_tokens, max_prompt_len): the training run's, else the model preset's, else GRACE's."""
+    from .config import PRESETS
+
+    cfg = run_config(model_or_path) if isinstance(model_or_path, str) else {}
+    if not cfg and isinstance(model_or_path, str):
+        cfg = PRESETS.get(model_or_path, {})
+    return (int(cfg.get("max_new_tokens", GRACE_MAX_NEW_TOKENS)), int(cfg.get("max_prompt_len", GRACE_MAX_PROMPT_LEN)))
+
+
+def _as_tensor(x) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = t.float()
+    return t[None] if t.dim() == 1 else t
+
+
+def cos_sim(a, b) -> torch.Tensor:
+    """Cosine similarity of every row of a [N, H] (or [H]) with every row of b → [N, M]."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+
+
+def pairwise_cos_sim(a, b) -> torch.Tensor:
+    """Cosine similarity of row i of a with row i of b → [N]."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+class Encoder:
+    """A GRACE model as a text encoder (sentence-transformers conventions).
+
+    model_or_path: a checkpoint directory, an alias (tiny, qwen2.5-1.5b, ...), an HF id in the local
+    cache, or an already loaded (model, tokenizer) pair. max_new_tokens / max_prompt_len default to
+    the training run's values when the checkpoint sits in a run directory (its config.json), else the
+    model's preset, else GRACE's evaluation limits (2048 / 1024).
+    """
+
+    def __init__(self, model_or_path, device: str = "auto", dtype: str = "auto", max_new_tokens: int | None = None,
+                 max_prompt_len: int | None = None, max_tokens_per_microbatch: int = 16384):
+        new_tokens, prompt_len = default_lengths(model_or_path if isinstance(model_or_path, str) else None)
+        self.max_new_tokens = max_new_tokens or new_tokens
+        self.max_prompt_len = max_prompt_len or prompt_len
+        self.max_tokens_per_microbatch = max_tokens_per_microbatch
+        if self.max_new_tokens < 1 or self.max_prompt_len < 1:
+            raise ValueError(f"max_new_tokens and max_prompt_len must be ≥ 1, got {self.max_new_tokens}, "
+                             f"{self.max_prompt_len}")
+        if isinstance(model_or_path, (tuple, list)):
+            self.model, self.tokenizer = model_or_path  # encode() switches to eval mode and back
+            self.name = getattr(self.model, "name_or_path", "") or "model"
         else:
-            rollouts = prompt_only_rollouts(prompts, pad_id, model.device)
-            rationales += [""] * len(prompts)
-        embeddings.append(forward_rollouts(model, rollouts, max_tokens_per_microbatch, 1024, with_logprobs=False).embeddings.cpu())
-    model.train(was_training)
-    return torch.cat(embeddings), rationales
+            from .models import load_model
+            self.model, self.tokenizer = load_model(str(model_or_path), device, dtype, for_training=False)
+            self.name = str(model_or_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.model.config.hidden_size
+
+    def chat_prompts(self, texts: list[str]) -> list[ChatPrompt]:
+        """Validate and template `texts`; warn once, with a count, about texts that had to be truncated."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: Encoder.encode takes strings")
+        empty = None
+        prompts = []
+        for t in texts:
+            if t:
+                prompts.append(chat_prompt(self.tokenizer, t, self.max_prompt_len))
+            else:
+                empty = empty or empty_prompt(self.tokenizer)
+                prompts.append(empty)
+        n_cut = sum(p.truncated for p in prompts)
+        if n_cut:
+            warnings.warn(f"{n_cut} of {len(texts)} texts were longer than max_prompt_len={self.max_prompt_len} "
+                          f"tokens (chat template included) and were right-truncated", stacklevel=3)
+        return prompts
+
+    def encode(self, texts, batch_size: int = 32, normalize_embeddings: bool = True,
+               show_progress_bar: bool | None = None, return_rationales: bool = False, rationale: str = "generate",
+               max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False):
+        """Embed a str → [H], or a list of str → [N, H] (numpy by default; a CPU tensor with
+        convert_to_tensor=True). With return_rationales=True: (embeddings, rationale strings).
+
+        rationale="generate" writes a rationale per text (greedy at temperature 0, else sampled with
+        `seed`); "none" pools the prompt alone (the paper's "Base" column)."""
+        if rationale not in RATIONALE_MODES:
+            raise ValueError(f"rationale must be one of {RATIONALE_MODES}, got {rationale!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        single = isinstance(texts, str)
+        if single:
+            texts = [texts]
+        elif isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        texts = list(texts)
+        if show_progress_bar is None:
+            show_progress_bar = len(texts) > batch_size and sys.stderr.isatty()
+
+        prompts = self.chat_prompts(texts)
+        if prompts:
+            emb, responses = embed_prompts(
+                self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                batch_size=batch_size, rationale=rationale == "generate", temperature=temperature, seed=seed,
+                normalize=normalize_embeddings, max_tokens_per_microbatch=self.max_tokens_per_microbatch,
+                progress=show_progress_bar)
+        else:
+            emb, responses = torch.empty(0, self.get_sentence_embedding_dimension()), []
+        rationales = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
+
+        if convert_to_tensor:
+            out = emb
+        elif convert_to_numpy:
+            out = emb.numpy()
+        else:
+            out = list(emb)
+        if single:
+            out, rationales = out[0], rationales[0]
+        return (out, rationales) if return_rationales else out
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity matrix [N, M] (sentence-transformers' default similarity)."""
+        return cos_sim(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity of corresponding rows → [N]."""
+        return pairwise_cos_sim(embeddings1, embeddings2)
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.name!r}, device={self.device}, max_new_tokens={self.max_new_tokens}, "
+                f"max_prompt_len={self.max_prompt_len})")
