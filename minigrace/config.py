@@ -55,15 +55,15 @@ class GraceConfig:
     top_p: float = _f(1.0, "nucleus sampling for rollouts")
 
     # --- reward ------------------------------------------------------------------------------
-    reward: str = _f("contrastive", "contrastive = GRACE's components + a per-rollout in-batch InfoNCE term "
-                                    "(default; see README); grace = GRACE's exact formula",
-                     choices=("contrastive", "grace"))
+    reward: str = _f("contrastive", "contrastive: per-rollout in-batch InfoNCE (default; see README for why); "
+                                    "grace: GRACE's exact formula with the --w-* weights below; custom: every --w-* weight",
+                     choices=("contrastive", "grace", "custom"))
     tau: float = _f(0.1, "temperature τ dividing the cosine terms (GRACE: 0.1)")
     w_positive: float = _f(1.0, "weight of cos(query, doc)")
     w_negative: float = _f(1.0, "weight of −cos(query, hard negative)")
     w_consistency: float = _f(0.2, "weight of the mean cosine to the other rollouts of the group")
     w_cross_group: float = _f(0.2, "weight of the cross-group (in-batch negative) term")
-    w_discriminative: float = _f(1.0, "weight of the in-batch InfoNCE term (used by --reward contrastive)")
+    w_discriminative: float = _f(1.0, "weight of the in-batch InfoNCE term (contrastive and custom)")
     length_penalty: float = _f(-1.0, "penalty for a rationale truncated without EOS (see --length-penalty-mode)")
     length_penalty_mode: str = _f("relative", "relative: the group's worst complete reward + penalty (always ranks "
                                               "last); constant: the reward becomes the penalty (GRACE)",

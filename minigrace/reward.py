@@ -11,10 +11,13 @@ cosines of unit vectors; the kernel computes them in one pass, see kernels/cosin
 
     total = (w_pos·positive + w_neg·negative + w_cons·consistency + w_cross·cross_group)/τ + w_disc·discriminative
 
-`--reward grace` is GRACE's exact formula (w_disc = 0). In GRACE's supervised formula the negative
-and cross-group terms are the same for every member of a group, so they vanish in the group-centered
-advantage and nothing pushes different texts apart; the default `contrastive` adds the per-rollout
-discriminative term, which does (README has the numbers). A rationale cut at max_new_tokens without
+`--reward grace` is GRACE's exact formula (w_disc = 0). In its supervised form the negative and
+cross-group terms are the same for every member of a group, so they vanish in the group-centered
+advantage: what is left rewards cos(q, d_i) and agreement within the group, which every rollout can
+raise at once by making all embeddings alike. On the tiny model it collapses (emb_cross_cos_mean
+0.86 → 0.99, held-out retrieval down). The default `--reward contrastive` is the discriminative
+term alone: it rises only when a rollout is closer to its own query than to the other queries of
+the batch, and all-alike embeddings are its worst case (−log P). `custom` mixes all weights. A rationale cut at max_new_tokens without
 EOS is penalized (see `apply_length_penalty`). A non-finite reward is an error, never a silent 0.
 """
 from __future__ import annotations
@@ -38,11 +41,12 @@ class Rewards:
 
 
 def reward_weights(cfg: GraceConfig) -> RewardWeights:
-    return RewardWeights(
-        positive=cfg.w_positive, negative=cfg.w_negative, consistency=cfg.w_consistency,
-        cross_group=cfg.w_cross_group,
-        discriminative=cfg.w_discriminative if cfg.reward == "contrastive" else 0.0,
-    )
+    if cfg.reward == "contrastive":
+        return RewardWeights(positive=0.0, negative=0.0, consistency=0.0, cross_group=0.0,
+                             discriminative=cfg.w_discriminative)
+    return RewardWeights(positive=cfg.w_positive, negative=cfg.w_negative, consistency=cfg.w_consistency,
+                         cross_group=cfg.w_cross_group,
+                         discriminative=cfg.w_discriminative if cfg.reward == "custom" else 0.0)
 
 
 def compute_rewards(doc_emb: torch.Tensor, query_emb: torch.Tensor, neg_emb: torch.Tensor | None,

@@ -31,13 +31,13 @@ def test_grace_formula_hand_computed():
     torch.testing.assert_close(r.parts["cross_group"], torch.tensor([0.0, 0.0, -1.0, -1.0]))
 
 
-def test_contrastive_adds_the_in_batch_infonce_term():
+def test_custom_adds_the_in_batch_infonce_term_to_grace():
     e1, e2 = unit(1.0, 0.0), unit(0.0, 1.0)
     docs, queries = torch.stack([e1, e2, e2, e2]), torch.stack([e1, e2])
     grace = compute_rewards(docs, queries, None, torch.zeros(4, dtype=torch.bool),
                             GraceConfig(reward="grace", group_size=2, tau=0.5), "supervised")
     contrastive = compute_rewards(docs, queries, None, torch.zeros(4, dtype=torch.bool),
-                                  GraceConfig(reward="contrastive", group_size=2, tau=0.5, w_discriminative=2.0),
+                                  GraceConfig(reward="custom", group_size=2, tau=0.5, w_discriminative=2.0),
                                   "supervised")
     # doc 0 = e1: logits cos/τ against (q0=e1, q1=e2) = (2, 0) → log softmax at 0 = 2 − log(e² + 1)
     disc0 = 2 - math.log(math.exp(2) + 1)
@@ -89,3 +89,10 @@ def test_advantages_center_groups_and_count_zero_variance():
     adv, _ = compute_advantages(rewards, 3, scale_std=True)
     assert adv[2].item() == pytest.approx(1.0 / (1.0 + 1e-6), rel=1e-5)  # std of (1,2,3) = 1
     assert (adv[3:] == 0).all()
+
+
+def test_contrastive_default_is_the_infonce_term_alone():
+    docs, queries = torch.randn(6, 4), torch.randn(2, 4)
+    r = compute_rewards(docs, queries, torch.randn(2, 4), torch.zeros(6, dtype=torch.bool),
+                        GraceConfig(group_size=3), "supervised")
+    torch.testing.assert_close(r.total, r.parts["discriminative"])
