@@ -294,6 +294,17 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
         start_step = state["step"]
         print(f"resuming {out_dir} from step {start_step} ({resume_from})")
 
+    # Ctrl-C / SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, saving, then stopping "
+                   f"(press Ctrl-C again to abort now)")
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log = RunLog(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"GRACE {mode} · model {cfg.model} ({n_params / 1e6:.2f}M params) · {len(train_examples)} train / "
@@ -312,17 +323,6 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
                 "batches": batches.state_dict(), "rng": rng_state(), "generator": generator.get_state(),
                 "step": step, "config": cfg.to_dict(), "eval_before": before}
 
-    # Ctrl-C / SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, saving, then stopping "
-                   f"(press Ctrl-C again to abort now)")
-
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     reward_means, step = [], start_step
     try:
         bar = tqdm(range(start_step, total_steps), desc="GRACE", initial=start_step, total=total_steps)
