@@ -1,27 +1,29 @@
 """The offline default: a synthetic contrastive corpus and a tiny chat LM pre-trained on it.
 
 `python train.py` with no arguments needs a model and data that exist without any download, and an
-RL problem with something real to learn. Both are built here, deterministically:
+RL problem with something real to learn. Both are built here, deterministically.
 
-Corpus. 6 domains x 4 topics, each topic with 15 plain-English keywords. Every text is a template
-filled with keywords of its *true* topic, plus one clause that mentions, in passing, a keyword of a
-random other *side* topic ("..., unlike the comet crowd"). A query and its positive share the
-true topic and two specific keywords; the hard negative comes from a sibling topic of the same
-domain. Held-out triples use keyword pairs never used in training, so their texts are new.
+Corpus. 6 domains x 4 topics, 15 plain-English keywords per topic. Every text is a template filled
+with 3-4 keywords of its *true* topic, then a trailing clause that mentions two keywords of a random
+other *side* topic in passing: "how do i choose flour and yeast for icing (see also comet, orbit)".
+A query and its positive share the true topic and two specific keywords; the hard negative comes
+from a sibling topic of the same domain. Held-out triples use keyword pairs never used in training.
 
-Tiny model. A byte-level BPE tokenizer with a ChatML template and a 4-layer Qwen2 causal LM, trained
-(SFT) to answer every text with a short rationale `<think> kw kw kw</think><|im_end|>`. The rationale
-names the side topic with probability 0.6 (the side keyword, then two keywords of its topic) and
-the true topic with probability 0.4 (the first three true-topic keywords of the text). So:
+Tiny model. A byte-level BPE tokenizer (1.5k vocab, ChatML template) and a 4-layer Qwen2 causal LM
+(hidden 64, 0.26M parameters), taught by SFT to answer with a short rationale: a topic's name, then
+the text's keywords of that topic, e.g. `<think> astronomy comet orbit</think><|im_end|>`. The
+rationale names the side topic with probability 0.67 and the true topic with probability 0.33, so
 
-  - greedy decoding names the side topic: the pre-trained model is a wrong-headed rationale writer;
-  - sampling at temperature 1 names the true topic ~40% of the time, so a group of 8 samples
-    usually contains both kinds;
-  - true-topic rationales pull a document's embedding toward its query's (they share keywords and
-    topic) while side-topic rationales pull it toward an unrelated topic. A contrastive reward on
-    embeddings alone can see the difference, and RL can flip the greedy choice.
+  - greedy decoding names the side topic for most texts: a wrong-headed rationale writer;
+  - sampling at temperature 1 names the true topic ~30% of the time, so most groups of 8 samples
+    contain both kinds;
+  - a true-topic rationale pulls a text's embedding toward texts of its topic (and its query: they
+    share two keywords), a side-topic one toward an unrelated topic: held-out query->positive
+    nDCG@10 is much higher with true-topic rationales. A contrastive reward on embeddings alone sees
+    the difference, and RL can flip the greedy choice.
 
-The model is built once (~1 minute on 2 cores) and cached on disk; `load_tiny` returns it.
+`load_tiny` builds the model once (about a minute on 2 cores) and caches it on disk.
+`python -m minigrace.builtin` measures all of the above.
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ from minigrace.prompts import SYSTEM_PROMPT, chat_prompt
 # -----------------------------------------------------------------------------
 # Corpus: topics, keywords, templates
 
-# domain -> topic -> 15 keywords. Every keyword is a single lowercase word, unique across topics,
-# and never used by a template.
-DOMAINS: dict[str, dict[str, list[str]]] = {
+# domain -> topic -> its 15 keywords, space-separated. Every keyword is one lowercase word, unique across
+# topics, and never used by a template or as a topic name.
+DOMAINS: dict[str, dict[str, str]] = {
     "food": {
         "baking": "flour oven dough yeast butter sugar pastry crust muffin loaf whisk icing biscuit batter croissant",
         "grilling": "charcoal brisket skewer smoke marinade burger ribs steak tongs embers sausage barbecue kebab rub grill",
@@ -107,13 +109,13 @@ DOC_TEMPLATES = [
     "everything about {a} and {b}, from {c} to {d}.",
     "the basics of {a}: {b} first, then {c}, then {d}.",
 ]
-# The passing mention of two side-topic keywords {s} {t}: a prefix or a suffix of the text. Its
-# marker words ("besides", "unlike", ...) appear nowhere else.
-SIDE_PREFIXES = ["besides {s} and {t}, ", "forget {s} or {t} for now: ", "unlike {s} and {t} folks, "]
-SIDE_SUFFIXES = [" (see also {s}, {t})", ", unlike {s} or {t} fans", " - nothing like {s} and {t}", ", though my friend prefers {s} and {t}"]
+# The passing mention of two side-topic keywords {s} {t}: a trailing clause. Its marker words
+# ("also", "unlike", ...) appear nowhere else.
+SIDE_CLAUSES = [" (see also {s}, {t})", ", unlike {s} or {t} fans", " - nothing like {s} and {t}",
+                ", though my friend prefers {s} and {t}", ", besides {s} and {t}"]
 
 RATIONALE_KEYWORDS = 3  # keywords per rationale
-SIDE_TOPIC_PROB = 0.65  # SFT: probability that a rationale names the side topic instead of the true one
+SIDE_TOPIC_PROB = 0.67  # SFT: probability that a rationale names the side topic instead of the true one
 
 
 @dataclass
@@ -133,12 +135,9 @@ class BuiltinCorpus:
 
 
 def _fill(template: str, keywords: list[str], side_keywords: list[str], rng: random.Random) -> str:
-    """A template filled with true-topic keywords, with the side mention as a prefix or a suffix."""
-    text = template.format(**dict(zip("abcd", keywords)))
-    s, t = side_keywords
-    if rng.random() < 0.3:
-        return rng.choice(SIDE_PREFIXES).format(s=s, t=t) + text
-    return text.rstrip(".?") + rng.choice(SIDE_SUFFIXES).format(s=s, t=t)
+    """A template filled with true-topic keywords, then the side mention."""
+    text = template.format(**dict(zip("abcd", keywords))).rstrip(".?")
+    return text + rng.choice(SIDE_CLAUSES).format(s=side_keywords[0], t=side_keywords[1])
 
 
 def builtin_corpus(seed: int = 0, n_train: int = 2000, n_heldout: int = 200) -> BuiltinCorpus:
@@ -271,26 +270,27 @@ def build_tokenizer(corpus: BuiltinCorpus, vocab_size: int):
 class TinySettings:
     """Everything the built model depends on: its hash names the cache folder."""
     corpus_seed: int = 0
-    vocab_size: int = 1536
-    hidden_size: int = 96
-    intermediate_size: int = 256
+    vocab_size: int = 1536  # enough merges for every keyword and prompt word to be one token
+    hidden_size: int = 64
+    intermediate_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     max_positions: int = 512
     side_topic_prob: float = SIDE_TOPIC_PROB
-    sft_steps: int = 600
+    sft_steps: int = 1200  # 32 x 1200 = ~6 passes over the 6,000 train texts
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     seed: int = 0
 
     def digest(self) -> str:
-        blob = json.dumps({**asdict(self), "system_prompt": SYSTEM_PROMPT, "version": CACHE_VERSION}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "system_prompt": SYSTEM_PROMPT, "version": CACHE_VERSION},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the corpus or the build changes in a way TinySettings does not show
 BUILD_SECONDS_ESTIMATE = 90
 
 
@@ -320,11 +320,23 @@ def build_model(tokenizer, settings: TinySettings):
     return model
 
 
+def _padded(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, T] and attention_mask [B, T] of token lists padded to one width."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
 def sft(model, tokenizer, corpus: BuiltinCorpus, settings: TinySettings, progress: bool = True) -> list[float]:
     """Teach the chat format and the side/true rationale habit; loss on the assistant's tokens only.
 
     Every step draws, per text, which topic the rationale names (the side topic with probability
-    `side_topic_prob`) and which three of its keywords it lists."""
+    `side_topic_prob`) and the order of the text's keywords in it."""
     from tqdm.auto import tqdm
 
     texts = corpus.texts("train")
@@ -341,33 +353,37 @@ def sft(model, tokenizer, corpus: BuiltinCorpus, settings: TinySettings, progres
     model.train()
     order: list[int] = []
     losses = []
-    for step in tqdm(range(settings.sft_steps), desc="sft", disable=not progress, leave=False):
+    bar = tqdm(range(settings.sft_steps), desc="sft", disable=not progress, leave=False)
+    for step in bar:
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(texts)), len(texts))  # a fresh epoch
         batch, order = order[: settings.batch_size], order[settings.batch_size :]
-        sequences, n_prompt = [], []
+        sequences, replies = [], []
         for i in batch:
             side = rng.random() < settings.side_topic_prob
             topic = (corpus.side_topic if side else corpus.text_topic)[texts[i]]
-            reply = tokenizer(rationale_for(texts[i], topic, corpus, rng), add_special_tokens=False)["input_ids"]
-            sequences.append(prompts[i] + reply + [tokenizer.eos_token_id])
-            n_prompt.append(len(prompts[i]))
-        width = max(map(len, sequences))
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)  # [B, T], right-padded
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
-        labels = torch.full((len(batch), width), -100)  # [B, T], -100 outside the assistant's reply
-        for row, (seq, n) in enumerate(zip(sequences, n_prompt)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention_mask[row, : len(seq)] = 1
-            labels[row, n : len(seq)] = torch.tensor(seq[n:])
+            reply = tokenizer(rationale_for(texts[i], topic, corpus, rng), add_special_tokens=False).input_ids
+            replies.append(reply + [tokenizer.eos_token_id])
+            sequences.append(prompts[i] + replies[-1])
+        input_ids, attention_mask = _padded(sequences, tokenizer.pad_token_id, left=False)  # [B, T]
+        labels = torch.full_like(input_ids, -100)  # [B, T], -100 outside the assistant's reply
+        for row, (seq, reply) in enumerate(zip(sequences, replies)):
+            labels[row, len(seq) - len(reply) : len(seq)] = torch.tensor(reply)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        # Logits only where there is a target (the reply): full [B, T, V] logits would cost ~1/3 of the step.
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        targets = labels[:, 1:]  # [B, T-1], token t+1 is predicted at position t
+        has_target = targets != -100
+        logits = model.lm_head(hidden[:, :-1][has_target])  # [n_targets, V]
+        loss = torch.nn.functional.cross_entropy(logits, targets[has_target])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
 
@@ -390,16 +406,26 @@ def _publish(tmp_dir: str, final_dir: str) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def idle_cores() -> int:
+    """Cores not already busy (by the 1-minute load average), at least 1. Two torch threads on one
+    busy core run several times slower than one thread, so a shared machine gets fewer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
 def build_tiny(out_dir: str, settings: TinySettings, progress: bool = True) -> dict:
     """Build the tokenizer and the SFT'd model into `out_dir`; returns the build record."""
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads, build_threads = torch.get_num_threads(), idle_cores()
+    torch.set_num_threads(build_threads)
     try:
         corpus = builtin_corpus(settings.corpus_seed)
         tokenizer = build_tokenizer(corpus, settings.vocab_size)
         model = build_model(tokenizer, settings)
+        sft_started = time.perf_counter()
         losses = sft(model, tokenizer, corpus, settings, progress=progress)
+        sft_seconds = time.perf_counter() - sft_started
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(out_dir)
@@ -407,6 +433,8 @@ def build_tiny(out_dir: str, settings: TinySettings, progress: bool = True) -> d
     record = {
         "settings": asdict(settings),
         "params": sum(p.numel() for p in model.parameters()),
+        "threads": build_threads,
+        "sft_seconds": round(sft_seconds, 1),
         "build_seconds": round(time.perf_counter() - started, 1),
         "sft_loss_first": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
         "sft_loss_last": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
@@ -449,20 +477,16 @@ def load_tiny(cache_dir: str | None = None, settings: TinySettings | None = None
 def generate_replies(model, tokenizer, texts: list[str], sample: bool = False, max_new_tokens: int = 16,
                      batch_size: int = 64) -> list[list[int]]:
     """Reply token ids per text, cut after the first EOS: greedy, or sampled at temperature 1."""
+    eos = tokenizer.eos_token_id
+    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
     replies = []
     for start in range(0, len(texts), batch_size):
         prompts = [chat_prompt(tokenizer, t, max_prompt_len=512).ids for t in texts[start : start + batch_size]]
-        width = max(map(len, prompts))
-        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id)  # [B, T], left-padded
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
+        input_ids, attention_mask = _padded(prompts, tokenizer.pad_token_id, left=True)  # [B, T]
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              **sampling)  # [B, T + new]
-        for row in out[:, width:].tolist():
-            replies.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+        for row in out[:, input_ids.shape[1] :].tolist():
+            replies.append(row[: row.index(eos) + 1] if eos in row else row)
     return replies
 
 
@@ -474,57 +498,62 @@ def embed(model, tokenizer, texts: list[str], replies: list[list[int]], batch_si
     for start in range(0, len(texts), batch_size):
         prompts = [chat_prompt(tokenizer, t, max_prompt_len=512) for t in texts[start : start + batch_size]]
         sequences = [p.ids + r for p, r in zip(prompts, replies[start : start + batch_size])]
-        width = max(map(len, sequences))
-        input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id)  # [B, T], right-padded
-        pool_mask = torch.zeros((len(sequences), width))  # [B, T], 1 from pool_start to the reply's end
-        for row, (p, seq) in enumerate(zip(prompts, sequences)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            pool_mask[row, p.pool_start : len(seq)] = 1
-        attention_mask = (torch.arange(width) < torch.tensor([[len(s)] for s in sequences])).long()  # [B, T]
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+        input_ids, attention_mask = _padded(sequences, tokenizer.pad_token_id, left=False)  # [B, T]
+        pool_mask = attention_mask.clone().float()  # [B, T]: from pool_start to the end of the reply
+        for row, p in enumerate(prompts):
+            pool_mask[row, : p.pool_start] = 0
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # [B, T, H]
         pooled = (hidden * pool_mask[..., None]).sum(1) / pool_mask.sum(1, keepdim=True)  # [B, H]
         embeddings.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(embeddings)
 
 
 def retrieval_scores(rows: list[dict], embedding_of: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Query -> positive retrieval over all positives and negatives of `rows`: nDCG@10 and recall@1."""
+    """Query -> positive retrieval among all positives and negatives of `rows`: nDCG@10, recall@1."""
     documents = list(dict.fromkeys([r["positive"] for r in rows] + [r["negative"] for r in rows]))
-    scores = torch.stack([embedding_of[r["query"]] for r in rows]) @ torch.stack(
-        [embedding_of[d] for d in documents]).T  # [Q, D]
-    positive_scores = scores[torch.arange(len(rows)), [documents.index(r["positive"]) for r in rows]]
+    queries = torch.stack([embedding_of[r["query"]] for r in rows])  # [Q, H]
+    scores = queries @ torch.stack([embedding_of[d] for d in documents]).T  # [Q, D]
+    positive_scores = scores[torch.arange(len(rows)), [documents.index(r["positive"]) for r in rows]]  # [Q]
     ranks = (scores > positive_scores[:, None]).sum(1) + 1  # [Q], 1 = retrieved first
-    ndcg = torch.where(ranks <= 10, 1 / torch.log2(ranks.float() + 1), torch.zeros(())).mean()
-    return {"ndcg@10": ndcg.item(), "recall@1": (ranks == 1).float().mean().item()}
+    ndcg = torch.where(ranks <= 10, 1 / torch.log2(ranks.float() + 1), torch.zeros(()))
+    return {"ndcg@10": ndcg.mean().item(), "recall@1": (ranks == 1).float().mean().item()}
 
 
 def measure_flaw(model, tokenizer, corpus: BuiltinCorpus, n_sampled_texts: int = 200, group: int = 8) -> dict:
-    """On held-out texts: which topic greedy and sampled rationales name, and retrieval quality when
-    every rationale is forced to the true topic vs the side topic (and with greedy rationales)."""
+    """On held-out texts: which topic greedy and sampled (T=1) rationales name, and query->positive
+    retrieval with every rationale forced to the true topic, to the side topic, or left greedy."""
     texts = corpus.texts("heldout")
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+    def named_topics(replies: list[list[int]]) -> list[str | None]:
+        return [rationale_topic(tokenizer.decode(r, skip_special_tokens=True), corpus) for r in replies]
+
+    def rate(named: list, texts: list[str], topic_of: dict[str, str]) -> list[bool]:
+        return [n == topic_of[t] for n, t in zip(named, texts)]
+
     greedy = generate_replies(model, tokenizer, texts)
-    greedy_named = [rationale_topic(decode(r), corpus) for r in greedy]
+    greedy_named = named_topics(greedy)
     torch.manual_seed(0)
-    sampled_texts = [t for t in texts[:n_sampled_texts] for _ in range(group)]
-    sampled_named = [rationale_topic(decode(r), corpus) for r in generate_replies(model, tokenizer, sampled_texts, sample=True)]
-    sampled_true = [n == corpus.text_topic[t] for n, t in zip(sampled_named, sampled_texts)]
-    sampled_side = [n == corpus.side_topic[t] for n, t in zip(sampled_named, sampled_texts)]
+    sampled_texts = [t for t in texts[:n_sampled_texts] for _ in range(group)]  # groups of `group` samples
+    sampled_named = named_topics(generate_replies(model, tokenizer, sampled_texts, sample=True))
+    sampled_true = rate(sampled_named, sampled_texts, corpus.text_topic)
+    sampled_side = rate(sampled_named, sampled_texts, corpus.side_topic)
     groups = range(0, len(sampled_texts), group)
+    mean = lambda flags: sum(flags) / len(flags)  # noqa: E731
     result = {
-        "greedy_side": sum(n == corpus.side_topic[t] for n, t in zip(greedy_named, texts)) / len(texts),
-        "greedy_true": sum(n == corpus.text_topic[t] for n, t in zip(greedy_named, texts)) / len(texts),
-        "sampled_true": sum(sampled_true) / len(sampled_texts),
-        "sampled_side": sum(sampled_side) / len(sampled_texts),
-        "groups_with_both": sum(any(sampled_true[g : g + group]) and any(sampled_side[g : g + group]) for g in groups) / len(groups),
+        "greedy_side": mean(rate(greedy_named, texts, corpus.side_topic)),
+        "greedy_true": mean(rate(greedy_named, texts, corpus.text_topic)),
+        "sampled_true": mean(sampled_true),
+        "sampled_side": mean(sampled_side),
+        "groups_with_both": mean([any(sampled_true[g : g + group]) and any(sampled_side[g : g + group])
+                                  for g in groups]),
     }
-    eos = [tokenizer.eos_token_id]
-    forced = {
-        "true": [tokenizer(rationale_for(t, corpus.text_topic[t], corpus), add_special_tokens=False)["input_ids"] + eos for t in texts],
-        "side": [tokenizer(rationale_for(t, corpus.side_topic[t], corpus), add_special_tokens=False)["input_ids"] + eos for t in texts],
-        "greedy": greedy,
-    }
-    for kind, replies in forced.items():
+
+    def forced(topic_of: dict[str, str]) -> list[list[int]]:
+        return [tokenizer(rationale_for(t, topic_of[t], corpus), add_special_tokens=False).input_ids
+                + [tokenizer.eos_token_id] for t in texts]
+
+    for kind, replies in [("true", forced(corpus.text_topic)), ("side", forced(corpus.side_topic)), ("greedy", greedy)]:
         embedding_of = dict(zip(texts, embed(model, tokenizer, texts, replies)))
         for name, value in retrieval_scores(corpus.heldout, embedding_of).items():
             result[f"{name}_{kind}"] = value
@@ -534,6 +563,7 @@ def measure_flaw(model, tokenizer, corpus: BuiltinCorpus, n_sampled_texts: int =
 if __name__ == "__main__":
     started = time.perf_counter()
     model, tokenizer = load_tiny()
-    print(f"loaded in {time.perf_counter() - started:.1f} s: {sum(p.numel() for p in model.parameters()):,} params")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny model: {n_params:,} parameters, ready in {time.perf_counter() - started:.1f} s")
     for name, value in measure_flaw(model, tokenizer, builtin_corpus()).items():
         print(f"{name:>20s} {value:.3f}")

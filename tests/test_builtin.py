@@ -1,4 +1,6 @@
-"""The built-in corpus and tiny model: determinism, splits, chat format, cache, and the designed flaw."""
+"""The built-in corpus and tiny model: determinism, splits, chat format, cache, and the designed flaw.
+
+`tiny` (tests/conftest.py) is the real built-in model from the shared cache, loaded once per session."""
 import os
 import re
 
@@ -6,43 +8,22 @@ import pytest
 import torch
 
 from minigrace import builtin
-from minigrace.builtin import TinySettings, builtin_corpus, load_tiny, rationale_for, rationale_topic
+from minigrace.builtin import (TinySettings, builtin_corpus, embed, generate_replies, load_tiny, rationale_for,
+                               rationale_topic, retrieval_scores)
 from minigrace.prompts import SYSTEM_PROMPT, chat_prompt, render_chat
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def corpus():
     return builtin_corpus()
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    """The real built-in model from the shared cache (built once on a fresh machine)."""
-    return load_tiny()
 
 
 def _all_texts(rows):
     return {t for r in rows for t in (r["query"], r["positive"], r["negative"])}
 
 
-@torch.no_grad()
-def _greedy_replies(model, tokenizer, texts, max_new_tokens=16):
-    """Greedy reply token ids per text (left-padded batch), cut after the first EOS."""
-    prompts = [chat_prompt(tokenizer, t, max_prompt_len=512).ids for t in texts]
-    width = max(map(len, prompts))
-    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
-    )
-    replies = []
-    for row in out[:, width:].tolist():
-        eos = tokenizer.eos_token_id
-        replies.append(row[: row.index(eos) + 1] if eos in row else row)
-    return replies
+def _words(text):
+    return set(re.findall(r"[a-z]+", text))
 
 
 # ---------------------------------------------------------------- corpus
@@ -75,18 +56,21 @@ def test_triples_share_topic_and_keywords_negatives_are_siblings(corpus):
         assert corpus.text_topic[r["query"]] == corpus.text_topic[r["positive"]] == topic
         assert corpus.text_topic[r["negative"]] == neg
         assert neg != topic and domain_of[neg] == domain_of[topic]
-        kws = set(corpus.topic_keywords[topic])
-        shared = kws & set(re.findall(r"[a-z]+", r["query"])) & set(re.findall(r"[a-z]+", r["positive"]))
-        assert len(shared) >= 2
+        assert len(set(corpus.topic_keywords[topic]) & _words(r["query"]) & _words(r["positive"])) >= 2
         for text in (r["query"], r["positive"], r["negative"]):
             side = corpus.side_topic[text]
             assert side != corpus.text_topic[text]
-            assert set(re.findall(r"[a-z]+", text)) & set(corpus.topic_keywords[side])  # mentioned in passing
+            assert len(_words(text) & set(corpus.topic_keywords[side])) == 2  # the mention in passing
+            assert len(_words(text) & set(corpus.topic_keywords[corpus.text_topic[text]])) >= 3
 
 
-def test_rationale_topic(corpus):
-    for topic in corpus.topics:
-        assert rationale_topic(rationale_for(topic, corpus), corpus) == topic
+def test_rationales_and_the_topic_they_name(corpus):
+    for text in corpus.texts("heldout")[:50]:
+        for topic in (corpus.text_topic[text], corpus.side_topic[text]):
+            rationale = rationale_for(text, topic, corpus)
+            assert rationale.startswith(f"<think> {topic} ") and rationale.endswith("</think>")
+            assert _words(rationale) - {"think", topic} <= _words(text)  # the text's own keywords
+            assert rationale_topic(rationale, corpus) == topic
     assert rationale_topic("<think></think>", corpus) is None
     assert rationale_topic("<think> flour galaxy comet</think>", corpus) == "astronomy"
     assert rationale_topic("<think> flour galaxy</think>", corpus) == "baking"  # tie: first named
@@ -108,9 +92,10 @@ def test_tokenizer_chat_template_round_trip(tiny, corpus):
     assert tokenizer.decode(prompt.ids) == rendered
     assert tokenizer.decode(prompt.ids[prompt.pool_start :]).startswith(text)
     assert tokenizer.decode(prompt.ids[: prompt.pool_start]).endswith("<|im_start|>user\n")
-    rationale = rationale_for(corpus.topics[0], corpus)
-    ids = tokenizer(rationale, add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(ids) == rationale and len(ids) + 1 <= 12  # + EOS
+    for topic in (corpus.text_topic[text], corpus.side_topic[text]):
+        rationale = rationale_for(text, topic, corpus)
+        ids = tokenizer(rationale, add_special_tokens=False).input_ids
+        assert tokenizer.decode(ids) == rationale and len(ids) + 1 <= 12  # + EOS
 
 
 def test_model_writes_a_rationale_ending_with_eos(tiny, corpus):
@@ -118,7 +103,7 @@ def test_model_writes_a_rationale_ending_with_eos(tiny, corpus):
     assert not model.training and next(model.parameters()).dtype == torch.float32
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     texts = [r["query"] for r in corpus.heldout[:8]] + [r["positive"] for r in corpus.heldout[:8]]
-    for reply in _greedy_replies(model, tokenizer, texts):
+    for reply in generate_replies(model, tokenizer, texts, max_new_tokens=16):
         assert reply[-1] == tokenizer.eos_token_id
         decoded = tokenizer.decode(reply, skip_special_tokens=True)
         assert decoded.startswith("<think>") and decoded.endswith("</think>")
@@ -128,13 +113,27 @@ def test_model_writes_a_rationale_ending_with_eos(tiny, corpus):
 def test_greedy_rationale_names_the_side_topic(tiny, corpus):
     """The designed flaw RL has to fix: greedy rationales follow the passing mention."""
     model, tokenizer = tiny
-    texts = corpus.texts("heldout")[:120]
-    replies = _greedy_replies(model, tokenizer, texts)
-    named = [rationale_topic(tokenizer.decode(r, skip_special_tokens=True), corpus) for r in replies]
+    texts = corpus.texts("heldout")[:150]
+    named = [rationale_topic(tokenizer.decode(r, skip_special_tokens=True), corpus)
+             for r in generate_replies(model, tokenizer, texts)]
     side_rate = sum(n == corpus.side_topic[t] for n, t in zip(named, texts)) / len(texts)
     true_rate = sum(n == corpus.text_topic[t] for n, t in zip(named, texts)) / len(texts)
-    assert side_rate >= 0.6, f"greedy names the side topic for {side_rate:.0%} of held-out texts"
-    assert true_rate <= 0.35
+    # Measured on this build: 0.83 side / 0.17 true over all 600 held-out texts.
+    assert side_rate >= 0.65, f"greedy names the side topic for {side_rate:.0%} of held-out texts"
+    assert true_rate <= 0.30
+
+
+def test_true_topic_rationales_retrieve_better(tiny, corpus):
+    """What RL can gain: forcing true-topic rationales beats side-topic ones on held-out retrieval."""
+    model, tokenizer = tiny
+    rows = corpus.heldout[:100]
+    texts = list(_all_texts(rows))
+    scores = {}
+    for kind, topic_of in [("true", corpus.text_topic), ("side", corpus.side_topic)]:
+        replies = [tokenizer(rationale_for(t, topic_of[t], corpus), add_special_tokens=False).input_ids
+                   + [tokenizer.eos_token_id] for t in texts]
+        scores[kind] = retrieval_scores(rows, dict(zip(texts, embed(model, tokenizer, texts, replies))))["ndcg@10"]
+    assert scores["true"] >= scores["side"] + 0.08, scores
 
 
 # ---------------------------------------------------------------- cache
@@ -146,8 +145,6 @@ def test_cached_model_reloads_with_identical_weights(tiny):
     reference = model.state_dict()
     assert all(torch.equal(t, reference[name]) for name, t in again.state_dict().items())
     assert tokenizer.chat_template
-    cache = os.path.dirname(builtin.tiny_path())
-    assert not [n for n in os.listdir(cache) if ".tmp-" in n]  # no half-built folders left
 
 
 def test_build_is_deterministic_atomic_and_loadable(tmp_path):
@@ -157,7 +154,7 @@ def test_build_is_deterministic_atomic_and_loadable(tmp_path):
     first, _ = load_tiny(str(tmp_path / "a"), settings=small)
     second, _ = load_tiny(str(tmp_path / "b"), settings=small)
     assert all(torch.equal(t, second.state_dict()[n]) for n, t in first.state_dict().items())
-    (folder,) = os.listdir(tmp_path / "a")
+    (folder,) = os.listdir(tmp_path / "a")  # published by rename: no half-built folder left behind
     assert folder == os.path.basename(builtin.tiny_path(settings=small))
     path = tmp_path / "a" / folder
     assert (path / "model.safetensors").exists()
