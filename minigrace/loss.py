@@ -2,14 +2,15 @@
 
 Log-probs are needed only where a response token is predicted. We gather those hidden states
 ([M, H], M = number of response tokens), then project them onto the vocabulary a chunk of tokens at
-a time; under gradient each chunk is checkpointed, so backward recomputes its [chunk, V] logits
-instead of keeping them. Peak logits memory is `chunk × V`, whatever the sequence length.
+a time, keeping only each token's logsumexp. Backward recomputes one chunk's [chunk, V] logits at a
+time, turns them into d logp / d logits = onehot(target) - softmax in place, and accumulates the
+lm_head gradient in place. Peak memory is one [chunk, V] buffer + the weight's gradient, whatever
+the sequence length.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -18,9 +19,49 @@ def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.T
     return model.base_model(input_ids=ids, attention_mask=attention, position_ids=position).last_hidden_state
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()  # [chunk, V]
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log p(targets | hidden) under lm_head `weight`, `chunk` rows at a time. hidden [M, H] → [M] fp32."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight, targets, chunk):
+        logprobs = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logprobs)
+        for start in range(0, targets.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight).float()  # [chunk, V]: the only large buffer
+            target_logit = logits.gather(-1, targets[rows, None]).squeeze(-1)
+            top = logits.amax(-1, keepdim=True)
+            lse[rows] = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)  # in place: no second buffer
+            logprobs[rows] = target_logit - lse[rows]
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return logprobs
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, targets.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h, g = hidden[rows], grad_logprobs[rows].float()
+            logits = F.linear(h, weight).float()  # recomputed, never stored across chunks
+            # d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient; in place.
+            grad_logits = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+            grad_logits[torch.arange(h.shape[0], device=h.device), targets[rows]] += g
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                if grad_weight.dtype == h.dtype:
+                    grad_weight.addmm_(grad_logits.T, h)  # accumulate in place: no second [V, H] buffer
+                else:  # autocast: fp32 weight, bf16/fp16 compute
+                    grad_weight += (grad_logits.T @ h).to(grad_weight.dtype)
+            del logits, grad_logits
+        return grad_hidden, grad_weight, None, None
 
 
 def response_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor,
@@ -29,14 +70,7 @@ def response_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: t
     predicts = response_mask[:, 1:]  # position t-1 predicts token t
     hidden_at = hidden[:, :-1][predicts]  # [M, H]
     targets = ids[:, 1:][predicts]  # [M]
-    pieces = []
-    for start in range(0, targets.numel(), chunk):
-        h, t = hidden_at[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_logprobs, h, lm_head_weight, t, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(h, lm_head_weight, t))
-    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    flat = _ChunkedLogprobs.apply(hidden_at, lm_head_weight, targets, chunk)
     logprobs = torch.zeros(predicts.shape, dtype=torch.float32, device=ids.device).masked_scatter(predicts, flat)
     return F.pad(logprobs, (1, 0))  # [n, L]: column 0 predicts nothing
 
