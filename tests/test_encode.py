@@ -106,9 +106,11 @@ def test_empty_string_embeds_the_empty_user_turn(encoder):
 
 
 def test_long_texts_are_truncated_with_a_counting_warning(texts):
-    short = Encoder(load_tiny(), max_new_tokens=4, max_prompt_len=60)
+    model, tok = load_tiny()
+    limit = len(chat_prompt(tok, "coffee", 10_000).ids) + 4  # room for the short text, not the long one
+    short = Encoder((model, tok), max_new_tokens=4, max_prompt_len=limit)
     long_text = " ".join(texts) * 3
-    with pytest.warns(UserWarning, match=r"1 of 2 texts were longer than max_prompt_len=60"):
+    with pytest.warns(UserWarning, match=rf"1 of 2 texts were longer than max_prompt_len={limit}"):
         emb = short.encode([long_text, "coffee"])
     assert np.isfinite(emb).all()
 
