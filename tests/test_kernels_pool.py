@@ -1,9 +1,7 @@
 """masked_mean_pool: Triton (interpreter on CPU) and torch paths against the reference."""
-import os
-import subprocess
-import sys
 
 import pytest
+from kernel_compile import compile_for_sm90
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -132,27 +130,6 @@ def test_property_triton_matches_reference_and_ignores_padding(monkeypatch, N, T
     nonempty = mask.any(1)
     torch.testing.assert_close(out[nonempty].norm(dim=1), torch.ones(int(nonempty.sum())))
     assert (out[~nonempty] == 0).all()
-
-
-def compile_for_sm90(module, builds):
-    """Compile kernels to sm_90 cubins in a subprocess without TRITON_INTERPRET: checks the real GPU code
-    path (which the interpreter never exercises) on a machine without a GPU. builds: [(kernel, types, constexprs)]."""
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    script = f"""
-import importlib, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-module = importlib.import_module({module!r})
-for kernel, types, consts in {builds!r}:
-    fn = getattr(module, kernel)
-    sig = {{a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_triton_kernels_compile_for_gpu():

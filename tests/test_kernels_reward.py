@@ -1,10 +1,8 @@
 """grace_reward: hand-computed components, and Triton (interpreter) vs the torch reference."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from kernel_compile import compile_for_sm90
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -151,27 +149,6 @@ def test_property_triton_matches_reference_and_scale_invariance(monkeypatch, P, 
     for name in ("positive", "consistency"):
         assert (parts[name].abs() <= 1 + 1e-5).all()
     assert (parts["discriminative"] <= 1e-6).all()  # a log-probability
-
-
-def compile_for_sm90(module, builds):
-    """Compile kernels to sm_90 cubins in a subprocess without TRITON_INTERPRET: checks the real GPU code
-    path (which the interpreter never exercises) on a machine without a GPU. builds: [(kernel, types, constexprs)]."""
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    script = f"""
-import importlib, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-module = importlib.import_module({module!r})
-for kernel, types, consts in {builds!r}:
-    fn = getattr(module, kernel)
-    sig = {{a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_triton_kernel_compiles_for_gpu():
