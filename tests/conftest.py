@@ -15,3 +15,15 @@ def tiny():
     from minigrace.builtin import load_tiny
 
     return load_tiny()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's matmuls are too small to gain from threads, and on a busy 2-core machine
+    two OpenMP threads spin-wait each other (measured: 7x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,14 +17,7 @@ from minigrace.eval import (BUILTIN_TASKS, MtebEncoder, builtin_clustering_data,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to gain from threads, and on a busy 2-core machine
-    two OpenMP threads spin-wait each other (measured: 7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
