@@ -61,8 +61,10 @@ def left_pad(prompts: list[ChatPrompt], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), attention.to(device), pool_start.to(device)
 
 
-def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    """One token per row. logits [N, V]; temperature [N] (0 = greedy) → [N]."""
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling. logits [N, V]; temperature [N] (0 = greedy);
+    uniform [N] in [0, 1): each row's own random number, so a row's token does not depend on the
+    other rows of the batch (the same rollout on 1 or N data-parallel ranks) → [N]."""
     greedy = logits.argmax(-1)
     scaled = logits.float() / temperature.clamp(min=1e-5)[:, None]
     probs = scaled.softmax(-1)
@@ -72,7 +74,9 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: float, g
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)  # [N, V]; right=True never lands on a zero-probability token
+    target = (uniform.to(cdf.device) * cdf[:, -1])[:, None]
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
     return torch.where(temperature > 0, sampled, greedy)
 
 
@@ -84,9 +88,15 @@ def _cache(out):
 @torch.no_grad()
 def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
              eos_ids: list[int], pad_id: int, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> Rollouts:
-    """Sample one rationale per prompt (repeat a prompt in `prompts` to get a group)."""
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Rollouts:
+    """Sample one rationale per prompt (repeat a prompt in `prompts` to get a group).
+
+    noise [N, max_new_tokens] in [0, 1): row i's t-th token is drawn with noise[i, t] (see sample_next);
+    drawn from `generator` when not given. Same noise row → same rationale, whatever the batch."""
     device = model.device
+    if noise is None:
+        gen_device = generator.device if generator is not None else "cpu"
+        noise = torch.rand(len(prompts), max_new_tokens, generator=generator, device=gen_device)
     ids, attention, pool_start = left_pad(prompts, pad_id, device)  # [N, P]
     n, width = ids.shape
     temperature = temperature.to(device)
@@ -100,8 +110,8 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
     next_position = position[:, -1] + 1
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     new_tokens, alive_masks = [], []
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator)
+    for t in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, noise[:, t])
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         alive_masks.append(~finished)  # this token belongs to the response (EOS included)
         new_tokens.append(token)
@@ -116,7 +126,15 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
 
     response = torch.stack(new_tokens, dim=1)  # [N, R]
     response_alive = torch.stack(alive_masks, dim=1)  # [N, R]
-    prompt_attention = attention[:, :width]
+    return pack_rollouts(prompts, ids, attention[:, :width], pool_start, response, response_alive, ~finished)
+
+
+def pack_rollouts(prompts: list[ChatPrompt], ids: torch.Tensor, prompt_attention: torch.Tensor,
+                  pool_start: torch.Tensor, response: torch.Tensor, response_alive: torch.Tensor,
+                  truncated: torch.Tensor) -> Rollouts:
+    """Left-padded prompts ids/attention [N, P] + right-padded responses [N, R] (alive: the token
+    belongs to the response, EOS included) → Rollouts. Every rollout backend ends here."""
+    device = ids.device
     full_ids = torch.cat([ids, response], dim=1)  # [N, P+R]
     full_attention = torch.cat([prompt_attention, response_alive.long()], dim=1)
     response_mask = torch.cat([torch.zeros_like(prompt_attention, dtype=torch.bool), response_alive], dim=1)
@@ -124,6 +142,6 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
     pool_mask = (columns[None, :] >= pool_start[:, None]) & full_attention.bool()
     return Rollouts(
         ids=full_ids, attention=full_attention, response_mask=response_mask, pool_mask=pool_mask,
-        truncated=~finished, prompt_truncated=torch.tensor([p.truncated for p in prompts], device=device),
-        prompt_width=width,
+        truncated=truncated, prompt_truncated=torch.tensor([p.truncated for p in prompts], device=device),
+        prompt_width=ids.shape[1],
     )

@@ -25,6 +25,22 @@ def test_batched_greedy_equals_unbatched(tiny):
         assert batched.responses()[row] == single.responses()[0]
 
 
+def test_batched_sampling_equals_unbatched_with_the_same_noise(tiny):
+    """Each row draws its tokens from its own noise row, so a sampled rollout does not depend on the
+    other rows of the batch (what lets 1 and N data-parallel ranks produce the same rollouts)."""
+    model, tok = tiny
+    prompts = [chat_prompt(tok, t, 128) for t in TEXTS]
+    assert len({len(p.ids) for p in prompts}) == len(prompts)  # different lengths: real left padding
+    noise = torch.rand(len(TEXTS), 12, generator=torch.Generator().manual_seed(5))
+    temps = torch.tensor([1.0, 0.5, 1.0])
+    kw = dict(max_new_tokens=12, eos_ids=eos_token_ids(model, tok), pad_id=tok.pad_token_id)
+    batched = generate(model, prompts, temps, noise=noise, **kw).responses()
+    for row in range(len(TEXTS)):
+        single = generate(model, prompts[row:row + 1], temps[row:row + 1], noise=noise[row:row + 1], **kw)
+        assert batched[row] == single.responses()[0]
+    assert len(set(map(tuple, batched))) == len(TEXTS)
+
+
 def test_greedy_matches_transformers_generate(tiny):
     model, tok = tiny
     prompts, ours = _generate(model, tok, TEXTS[:1])
@@ -76,3 +92,18 @@ def test_microbatches_respect_token_budget():
     groups = microbatches(lengths, max_tokens=10)
     assert [g.tolist() for g in groups] == [[0, 1], [2], [3, 4, 5]]
     assert torch.cat(groups).tolist() == list(range(6))
+
+
+def test_inverse_cdf_sampling_matches_the_softmax():
+    from minigrace.rollout import sample_next
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]]).expand(40_000, 4)
+    uniform = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    for temperature, top_p in [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)]:
+        tokens = sample_next(logits, torch.full((40_000,), temperature), top_p, uniform)
+        probs = (logits[0] / temperature).softmax(-1)
+        if top_p < 1:  # nucleus keeps tokens 0 and 2 (0.61 + 0.22 ≥ 0.7)
+            probs = probs * torch.tensor([1.0, 0.0, 1.0, 0.0])
+            probs = probs / probs.sum()
+        freq = torch.bincount(tokens, minlength=4).float() / 40_000
+        torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert (sample_next(logits, torch.zeros(40_000), 1.0, uniform) == 0).all()  # temperature 0: greedy
