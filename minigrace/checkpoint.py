@@ -33,12 +33,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = None) -> str:
-    """Write model + tokenizer (+ trainer state) to `path` atomically. Returns `path`."""
+def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = None, state_dict: dict | None = None,
+                    merge_adapter: bool = False) -> str:
+    """Write model + tokenizer (+ trainer state) to `path` atomically. Returns `path`.
+
+    state_dict: the full weights when `model` is sharded (parallel.full_state_dicts). A peft model
+    writes its adapter only; merge_adapter also writes `<path>/merged`, the merged plain model."""
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    if merge_adapter:
+        from .lora import save_merged
+        save_merged(tmp, os.path.join(tmp, "merged"))
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
     if os.path.exists(path):  # e.g. checkpoint-final of an earlier attempt: replace it

@@ -80,6 +80,20 @@ class GraceConfig:
     logprob_chunk: int = _f(1024, "tokens per chunk when computing log-probs ([tokens, vocab] logits at most)")
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
 
+    # --- scaling out (README: "Scaling out") -----------------------------------------------------------
+    parallel: str = _f("fsdp", "under torchrun: fsdp (FSDP2 fully_shard: weights, grads and AdamW states split "
+                               "over ranks) or ddp (a full copy per rank); ignored on one process",
+                       choices=("fsdp", "ddp"))
+    rollout: str = _f("hf", "rollout engine: hf (batched KV-cached sampling, runs anywhere) or vllm (GPU; weights "
+                            "synced from the trainer every step; falls back to hf when vllm is not installed)",
+                      choices=("hf", "vllm"))
+    vllm_gpu_memory: float = _f(0.3, "fraction of GPU memory vLLM may take for weights and KV cache (--rollout vllm)")
+    lora_r: int = _f(0, "LoRA rank: train low-rank adapters (peft) instead of every weight; 0 = full fine-tuning")
+    lora_alpha: float = _f(32.0, "LoRA scaling α (the update is α/r · B·A)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input (0 keeps runs identical across world sizes)")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                           "comma-separated module names that get adapters ('all-linear': every linear but lm_head)")
+
     config: str = _f("", "YAML or JSON file with any of these fields; command-line flags override it")
 
     def validate(self) -> "GraceConfig":
@@ -109,6 +123,10 @@ class GraceConfig:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0 <= self.eval_fraction < 1:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if self.lora_r < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            bad("lora_r", "lora_r must be ≥ 0, lora_alpha > 0 and lora_dropout in [0, 1)")
+        if not 0 < self.vllm_gpu_memory < 1:
+            bad("vllm_gpu_memory", f"must be in (0, 1), got {self.vllm_gpu_memory}")
         if self.kl_coef < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             bad("kl_coef", "kl_coef and weight_decay must be ≥ 0 and grad_clip > 0")
         return self

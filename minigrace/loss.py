@@ -14,9 +14,14 @@ import torch.nn.functional as F
 
 
 def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden states (after the final norm) [n, L, H]; no logits are computed."""
+    """Last-layer hidden states (after the final norm) [n, L, H]; no logits are computed.
+
+    Goes through the model's own forward (not its inner decoder), so DDP / FSDP / peft wrappers see
+    the call: an empty `logits_to_keep` makes the lm_head project zero positions."""
     position = (attention.cumsum(-1) - 1).clamp(min=0)
-    return model.base_model(input_ids=ids, attention_mask=attention, position_ids=position).last_hidden_state
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position, output_hidden_states=True,
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device))
+    return out.hidden_states[-1]
 
 
 class _ChunkedLogprobs(torch.autograd.Function):

@@ -1,0 +1,222 @@
+"""Parallel: data-parallel GRACE with torchrun, on the engines torch ships (DDP, FSDP2).
+
+    torchrun --nproc-per-node N train.py ...     # N GPUs (nccl), or N CPU processes (gloo)
+
+Every rank draws the same global batch of P prompts (the data order is seeded) and owns prompts
+rank, rank+N, rank+2N, …: it samples, embeds and trains on those only. The reward compares every
+rollout with every query of the batch, so the embeddings are all-gathered (no gradient flows
+through the reward) and every rank computes the same global rewards and advantages. DDP or FSDP2
+averages the gradients over ranks; the loss is scaled so that this average is exactly the
+one-process token-mean (see `grace_step`). Only rank 0 logs and writes checkpoints, which hold full
+(unsharded) state dicts, so a run can resume on any number of ranks.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op: rank 0 of 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Ranks:
+    rank: int  # this process, 0 … world-1
+    world: int  # number of processes
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:  # rank 0 logs, evaluates into files, and writes checkpoints
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str) -> Ranks:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+    `device`: the --device flag; under torchrun, cuda means this rank's GPU (cuda:LOCAL_RANK)."""
+    from .models import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world == 1:
+        return Ranks(0, 1, dev)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return Ranks(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def teardown(ranks: Ranks) -> None:
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(items: list, ranks: Ranks) -> list:
+    """This rank's prompts of the global batch: rank, rank+N, rank+2N, …
+
+    Strided, not contiguous: a mini-batch of prompts [k·M, (k+1)·M) is then spread evenly over the
+    ranks, so each optimizer update sees the same prompts as on one process."""
+    return items[ranks.rank::ranks.world]
+
+
+def gather_prompts(local: torch.Tensor, rows_per_prompt: int, ranks: Ranks) -> torch.Tensor:
+    """Per-prompt rows of this rank [P/N·k, ...] → the same rows of the global batch [P·k, ...] in
+    global prompt order (k = rows_per_prompt, e.g. G rollouts). All-gather: no gradient flows back."""
+    if not ranks.distributed:
+        return local
+    parts = [torch.empty_like(local) for _ in range(ranks.world)]
+    dist.all_gather(parts, local.contiguous())
+    # Local prompt i of rank r is global prompt i·N + r: stack ranks inside each local prompt index.
+    per_prompt = [part.reshape(-1, rows_per_prompt, *local.shape[1:]) for part in parts]  # N × [P/N, k, ...]
+    return torch.stack(per_prompt, dim=1).reshape(-1, *local.shape[1:])  # [P/N, N, k, ...] → [P·k, ...]
+
+
+def local_rows(global_rows: torch.Tensor, rows_per_prompt: int, ranks: Ranks) -> torch.Tensor:
+    """Inverse of gather_prompts: this rank's rows [P/N·k, ...] of a global per-prompt tensor [P·k, ...]."""
+    per_prompt = global_rows.reshape(-1, rows_per_prompt, *global_rows.shape[1:])  # [P, k, ...]
+    return per_prompt[ranks.rank::ranks.world].reshape(-1, *global_rows.shape[1:])
+
+
+def sum_over_ranks(values: list[float], ranks: Ranks, device=None) -> list[float]:
+    """Element-wise sum of a few numbers over ranks (token counts, metric sums)."""
+    if not ranks.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device or ranks.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def max_over_ranks(value: int, ranks: Ranks) -> int:
+    if not ranks.distributed:
+        return value
+    t = torch.tensor([value], device=ranks.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast(obj, ranks: Ranks):
+    """Rank 0's value of a small picklable object (e.g. the run directory name) on every rank."""
+    if not ranks.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapping the model
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, kind: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    """DDP or FSDP2 around the policy (unchanged on one process).
+
+    ddp:  every rank holds the full fp32 weights, gradients and AdamW states; gradients are
+          all-reduced (averaged) in backward.
+    fsdp: fully_shard every decoder layer, then the root: weights, gradients and AdamW states are
+          split over ranks; a layer's weights are all-gathered just before it runs. On GPU the
+          gathered weights are `compute_dtype` (bf16) and gradients are reduced in fp32.
+    """
+    if not ranks.distributed:
+        return model
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        # forward_sync_buffers=False: the only buffers are rotary tables, identical everywhere, and a
+        # broadcast in every forward would make ranks with different micro-batch counts wait on each other.
+        return DistributedDataParallel(model, device_ids=[ranks.device] if ranks.device.type == "cuda" else None,
+                                       forward_sync_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    kw = {"mp_policy": mp} if mp else {}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of an HF causal LM (also inside a peft wrapper)."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError(f"no decoder layers found in {type(model).__name__}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF (or peft) model inside DDP. FSDP2 shards the model in place: it is its own module."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module):
+    """Rollouts and the no-grad embedding forward run with every weight gathered.
+
+    Under FSDP a rank's generation loop and micro-batches differ from the other ranks' (each stops
+    when its own rationales end), so no collective may happen in them: gather all layers once,
+    keep them through every forward, and re-shard the layers afterwards. (The root's own weights,
+    embeddings and lm_head, stay gathered after a forward anyway: FSDP2 does not reshard the root
+    until backward.) DDP / one process: nothing to do."""
+    if not is_fsdp(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    layers = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for m in layers:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in [model, *layers]:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Accumulate gradients over micro-batches and all-reduce / reduce-scatter only on the last one."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full, unsharded tensors on CPU, keyed by parameter name.
+
+    A collective under FSDP: every rank calls it; the tensors are complete on rank 0. They load on
+    any world size (`load_optimizer_state`)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    module = unwrap(model)
+    weights = get_model_state_dict(module, options=options)
+    # Tied weights (lm_head = input embeddings) once, under the name save_pretrained keeps.
+    names = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    weights = {name: tensor for name, tensor in weights.items() if name in names}
+    return weights, get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state dict (every rank read it from the checkpoint) into a possibly sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
