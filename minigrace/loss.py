@@ -19,8 +19,8 @@ def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.T
     Goes through the model's own forward (not its inner decoder), so DDP / FSDP / peft wrappers see
     the call: an empty `logits_to_keep` makes the lm_head project zero positions."""
     position = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=position, output_hidden_states=True,
-                logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device))
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position, use_cache=False,
+                output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device))
     return out.hidden_states[-1]
 
 

@@ -102,7 +102,8 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
     temperature = temperature.to(device)
     eos = torch.tensor(eos_ids, device=device)
     position = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+    cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
     # Prefill the prompts, then decode one token at a time from the cache.
     out = model(input_ids=ids, attention_mask=attention, position_ids=position, use_cache=True, logits_to_keep=1)
