@@ -84,6 +84,8 @@ class GraceConfig:
     parallel: str = _f("fsdp", "under torchrun: fsdp (FSDP2 fully_shard: weights, grads and AdamW states split "
                                "over ranks) or ddp (a full copy per rank); ignored on one process",
                        choices=("fsdp", "ddp"))
+    offload: bool = _f(False, "with --parallel fsdp: keep the sharded weights, gradients and AdamW states in CPU "
+                              "memory (FSDP2 CPUOffloadPolicy; the optimizer step runs on CPU). GRACE offloaded both")
     rollout: str = _f("hf", "rollout engine: hf (batched KV-cached sampling, runs anywhere) or vllm (GPU; weights "
                             "synced from the trainer every step; falls back to hf when vllm is not installed)",
                       choices=("hf", "vllm"))

@@ -10,7 +10,8 @@ averages the gradients over ranks; the loss is scaled so that this average is ex
 one-process token-mean (see `grace_step`). Only rank 0 logs and writes checkpoints, which hold full
 (unsharded) state dicts, so a run can resume on any number of ranks.
 
-Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op: rank 0 of 1.
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op: rank 0 of 1. Under
+torchrun with one process the model is still wrapped (FSDP with --offload fits a bigger model on one GPU).
 """
 from __future__ import annotations
 
@@ -27,14 +28,15 @@ class Ranks:
     rank: int  # this process, 0 … world-1
     world: int  # number of processes
     device: torch.device
+    launched: bool  # started by torchrun (a process group exists, even with one process)
 
     @property
-    def is_main(self) -> bool:  # rank 0 logs, evaluates into files, and writes checkpoints
+    def is_main(self) -> bool:  # rank 0 logs and writes checkpoints
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.launched
 
 
 def setup(device: str) -> Ranks:
@@ -42,17 +44,16 @@ def setup(device: str) -> Ranks:
     `device`: the --device flag; under torchrun, cuda means this rank's GPU (cuda:LOCAL_RANK)."""
     from .models import resolve_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
-    if world == 1:
-        return Ranks(0, 1, dev)
+    if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: one process, no wrapping
+        return Ranks(0, 1, dev, launched=False)
     local_rank = int(os.environ["LOCAL_RANK"])
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Ranks(dist.get_rank(), dist.get_world_size(), dev)
+    return Ranks(dist.get_rank(), dist.get_world_size(), dev, launched=True)
 
 
 def teardown(ranks: Ranks) -> None:
@@ -116,7 +117,8 @@ def broadcast(obj, ranks: Ranks):
 # Wrapping the model
 
 
-def wrap(model: torch.nn.Module, ranks: Ranks, kind: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ranks: Ranks, kind: str, compute_dtype: torch.dtype | None,
+         offload: bool = False) -> torch.nn.Module:
     """DDP or FSDP2 around the policy (unchanged on one process).
 
     ddp:  every rank holds the full fp32 weights, gradients and AdamW states; gradients are
@@ -124,7 +126,11 @@ def wrap(model: torch.nn.Module, ranks: Ranks, kind: str, compute_dtype: torch.d
     fsdp: fully_shard every decoder layer, then the root: weights, gradients and AdamW states are
           split over ranks; a layer's weights are all-gathered just before it runs. On GPU the
           gathered weights are `compute_dtype` (bf16) and gradients are reduced in fp32.
+          offload: the shards stay in CPU memory (copied to the GPU per layer; AdamW steps on CPU).
     """
+    if offload and not (ranks.distributed and kind == "fsdp" and ranks.device.type == "cuda"):
+        raise ValueError("--offload moves FSDP shards from GPU to CPU memory: it needs --parallel fsdp, CUDA, "
+                         "and torchrun (one GPU: torchrun --nproc-per-node 1 train.py --offload ...)")
     if not ranks.distributed:
         return model
     if kind == "ddp":
@@ -132,10 +138,13 @@ def wrap(model: torch.nn.Module, ranks: Ranks, kind: str, compute_dtype: torch.d
         # forward_sync_buffers=False: the only buffers are rotary tables, identical everywhere, and a
         # broadcast in every forward would make ranks with different micro-batch counts wait on each other.
         return DistributedDataParallel(model, device_ids=[ranks.device] if ranks.device.type == "cuda" else None,
-                                       forward_sync_buffers=False)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
-    kw = {"mp_policy": mp} if mp else {}
+                                       forward_sync_buffers=False, gradient_as_bucket_view=True)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = {}
+    if compute_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if offload:  # sharded weights, gradients and AdamW states live in CPU memory between uses
+        kw["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)

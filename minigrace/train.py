@@ -359,7 +359,7 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
     if cfg.rollout == "vllm":
         from .vllm_rollout import make_vllm_rollout
         vllm = make_vllm_rollout(cfg, model_source(cfg.model), device, ranks.distributed, bool(cfg.lora_r))
-    model = parallel.wrap(module, ranks, cfg.parallel, compute_dtype)
+    model = parallel.wrap(module, ranks, cfg.parallel, compute_dtype, cfg.offload)
     return Policy(model, parallel.unwrap(model), tokenizer, ref_model, compute_dtype, ranks, bool(cfg.lora_r), vllm)
 
 
@@ -423,7 +423,8 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
     n_trainable, n_params = lora.trainable_fraction(module)
     if main_rank:
         lora_note = f", LoRA r={cfg.lora_r}: {n_trainable / 1e6:.3f}M trainable" if cfg.lora_r else ""
-        scale_note = f" · {ranks.world} processes ({cfg.parallel})" if ranks.distributed else ""
+        scale_note = f" · {ranks.world} processes ({cfg.parallel}{', offload' if cfg.offload else ''})" \
+            if ranks.distributed else ""
         print(f"GRACE {mode} · model {cfg.model} ({n_params / 1e6:.2f}M params{lora_note}) · {len(train_examples)} "
               f"train / {len(heldout)} held-out examples · {total_steps} steps × {cfg.batch_size} prompts × "
               f"G={cfg.group_size} · reward {cfg.reward} · {device}{scale_note} → {out_dir}")

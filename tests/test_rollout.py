@@ -107,3 +107,18 @@ def test_inverse_cdf_sampling_matches_the_softmax():
         freq = torch.bincount(tokens, minlength=4).float() / 40_000
         torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
     assert (sample_next(logits, torch.zeros(40_000), 1.0, uniform) == 0).all()  # temperature 0: greedy
+
+
+def test_vllm_rollout_needs_a_gpu_and_falls_back_without_vllm(capsys):
+    import importlib.util
+
+    import pytest
+
+    from minigrace.config import GraceConfig
+    from minigrace.vllm_rollout import make_vllm_rollout
+
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        make_vllm_rollout(GraceConfig(rollout="vllm"), "tiny", torch.device("cpu"), False, False)
+    if importlib.util.find_spec("vllm") is None:  # this machine: the HF path takes over, and says so
+        assert make_vllm_rollout(GraceConfig(rollout="vllm"), "tiny", torch.device("cuda"), False, False) is None
+        assert "falling back to --rollout hf" in capsys.readouterr().out
