@@ -2,14 +2,15 @@
 checked against what the tiny model really allocates.
 
     python bench/memory_model.py                                  # the table + checks on 1 process
-    torchrun --nproc-per-node 2 bench/memory_model.py             # + FSDP shard sizes on 2 ranks (gloo)
+    torchrun --nproc-per-node 2 bench/memory_model.py             # each rank's FSDP share (gloo)
 
 Arithmetic (minigrace trains fp32 master weights and computes in bf16 on GPU):
   state      weights 4 B + gradients 4 B + AdamW exp_avg/exp_avg_sq 8 B = 16 B per trainable param;
              a frozen (LoRA) base 4 B per param. DDP: all of it on every GPU; FSDP: ÷ N GPUs;
              FSDP + offload: none of it on the GPU (CPU RAM instead).
-  rollout    the gathered bf16 weights (2 B/param; FSDP gathers them once for the whole rollout) +
-             the KV cache of this GPU's rollout rows: rows × tokens × 2 (K,V) × layers × kv_heads × head_dim × 2 B.
+  rollout    under FSDP the gathered bf16 weights (2 B/param, gathered once for the whole rollout;
+             DDP / 1 GPU: the fp32 weights are already there, autocast casts per op) + the KV cache
+             of this GPU's rollout rows: rows × tokens × 2 (K,V) × layers × kv_heads × head_dim × 2 B.
   train      with gradient checkpointing: each layer's input, layers × tokens × hidden × 2 B, for a
              micro-batch of max_tokens_per_microbatch tokens, + one layer recomputed
              (≈ tokens × (6·hidden + 2·kv_dim + 4·intermediate) × 2 B) + the log-prob chunk
@@ -90,23 +91,29 @@ def train_activation_bytes(m: dict, tokens: int, chunk: int, checkpointing: bool
     return m["layers"] * one_layer + logprob
 
 
-def table() -> str:
-    setups = [("1 GPU, full", 1, "full"), ("4 GPU DDP", 4, "ddp"), ("4 GPU FSDP", 4, "fsdp"),
-              ("4 GPU FSDP+offload", 4, "fsdp+offload"), ("1 GPU LoRA r=16", 1, "lora"),
+def table(backbones=("Qwen2.5-1.5B", "Qwen2.5-3B", "Qwen3-4B"), rollout_rows: int = 64) -> str:
+    """Markdown table: GiB per GPU at GRACE's batch sizes (training fp32 + AdamW, bf16 compute)."""
+    setups = [("1 GPU", 1, "full"), ("4 GPU DDP", 4, "ddp"), ("4 GPU FSDP", 4, "fsdp"),
+              ("4 GPU FSDP + offload", 4, "fsdp+offload"), ("1 GPU LoRA r=16", 1, "lora"),
               ("4 GPU FSDP LoRA r=16", 4, "lora+fsdp")]
-    lines = ["| backbone (params) | setup | state | rollout: weights + KV cache | train: activations | peak ≈ |",
-             "|---|---|---|---|---|---|"]
-    for name, m in BACKBONES.items():
+    lines = [f"| backbone | setup | weights+grads+AdamW | rollout (FSDP: + bf16 weights), all rows "
+             f"| same, --rollout-rows {rollout_rows} | train activations | peak, all rows / {rollout_rows} rows |",
+             "|---|---|---|---|---|---|---|"]
+    for name in backbones:
+        m = BACKBONES[name]
         p = n_params(m)
         for label, gpus, setup in setups:
             state = state_bytes(m, gpus, setup)
-            rollout = 2 * p + kv_cache_bytes(m, GRACE["rollout_rows"] // gpus, GRACE["tokens"])
+            rows = GRACE["rollout_rows"] // gpus
+            gathered = 2 * p if "fsdp" in setup else 0  # FSDP gathers bf16 weights for the rollout; else autocast
+            rollout_all = gathered + kv_cache_bytes(m, rows, GRACE["tokens"])
+            rollout_chunk = gathered + kv_cache_bytes(m, min(rows, rollout_rows), GRACE["tokens"])
             train = train_activation_bytes(m, GRACE["microbatch_tokens"], GRACE["logprob_chunk"])
             if "fsdp" in setup:  # one layer gathered at a time while training
                 train += 2 * p / m["layers"]
-            peak = state + max(rollout, train)
-            lines.append(f"| {name} ({p / 1e9:.2f}B) | {label} | {state / GiB:.1f} GiB | {rollout / GiB:.1f} GiB | "
-                         f"{train / GiB:.1f} GiB | {peak / GiB:.0f} GiB |")
+            lines.append(f"| {name} ({p / 1e9:.2f}B) | {label} | {state / GiB:.1f} | {rollout_all / GiB:.1f} | "
+                         f"{rollout_chunk / GiB:.1f} | {train / GiB:.1f} | {(state + max(rollout_all, train)) / GiB:.0f}"
+                         f" / {(state + max(rollout_chunk, train)) / GiB:.0f} |")
     return "\n".join(lines)
 
 
@@ -200,7 +207,7 @@ if __name__ == "__main__":
     if "WORLD_SIZE" in os.environ:
         print(fsdp_check())
         sys.exit(0)
-    print(table())
+    print(table(tuple(BACKBONES)))
     print()
     for name, formula, measured in checks():
         print(f"tiny model: {name:<38} formula {formula:>12,.0f}   measured {measured:>12,}")

@@ -89,6 +89,8 @@ class GraceConfig:
     rollout: str = _f("hf", "rollout engine: hf (batched KV-cached sampling, runs anywhere) or vllm (GPU; weights "
                             "synced from the trainer every step; falls back to hf when vllm is not installed)",
                       choices=("hf", "vllm"))
+    rollout_rows: int = _f(0, "hf rollouts: at most this many rows per batched generation (the KV cache is rows × "
+                              "tokens); 0 = all of the step's rows at once. Results do not depend on it")
     vllm_gpu_memory: float = _f(0.3, "fraction of GPU memory vLLM may take for weights and KV cache (--rollout vllm)")
     lora_r: int = _f(0, "LoRA rank: train low-rank adapters (peft) instead of every weight; 0 = full fine-tuning")
     lora_alpha: float = _f(32.0, "LoRA scaling α (the update is α/r · B·A)")
@@ -106,7 +108,7 @@ class GraceConfig:
                      "max_new_tokens", "max_tokens_per_microbatch", "logprob_chunk", "log_every", "epochs"):
             if getattr(self, name) < 1:
                 bad(name, f"must be ≥ 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "warmup_steps", "eval_size"):
+        for name in ("max_steps", "eval_every", "save_every", "warmup_steps", "eval_size", "rollout_rows"):
             if getattr(self, name) < 0:
                 bad(name, f"must be ≥ 0, got {getattr(self, name)}")
         for name in ("lr", "tau", "clip_eps"):

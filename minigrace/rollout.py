@@ -146,3 +146,24 @@ def pack_rollouts(prompts: list[ChatPrompt], ids: torch.Tensor, prompt_attention
         truncated=truncated, prompt_truncated=torch.tensor([p.truncated for p in prompts], device=device),
         prompt_width=ids.shape[1],
     )
+
+
+def cat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Rollouts of separate generations as one batch: prompts re-left-padded to the widest prompt,
+    responses right-padded to the longest response (positions follow from `attention`, so nothing moves)."""
+    width = max(r.prompt_width for r in parts)  # P
+    longest = max(r.ids.shape[1] - r.prompt_width for r in parts)  # R
+
+    def fit(t: torch.Tensor, r: Rollouts, fill) -> torch.Tensor:  # [n, P_r + R_r] → [n, P + R]
+        pad = (width - r.prompt_width, longest - (t.shape[1] - r.prompt_width))
+        return torch.nn.functional.pad(t.long(), pad, value=int(fill)).to(t.dtype)
+
+    return Rollouts(
+        ids=torch.cat([fit(r.ids, r, pad_id) for r in parts]),
+        attention=torch.cat([fit(r.attention, r, 0) for r in parts]),
+        response_mask=torch.cat([fit(r.response_mask, r, False) for r in parts]),
+        pool_mask=torch.cat([fit(r.pool_mask, r, False) for r in parts]),
+        truncated=torch.cat([r.truncated for r in parts]),
+        prompt_truncated=torch.cat([r.prompt_truncated for r in parts]),
+        prompt_width=width,
+    )

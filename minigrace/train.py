@@ -36,7 +36,7 @@ from .loss import policy_forward, policy_loss, response_logprobs
 from .models import eos_token_ids, load_model, model_source, resolve_dtype
 from .prompts import chat_prompt
 from .reward import compute_rewards, cross_text_cosine
-from .rollout import Rollouts, generate
+from .rollout import Rollouts, cat_rollouts, generate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +128,12 @@ def sample_rollouts(policy: Policy, prompts, temperatures, noise, cfg: GraceConf
               pad_id=tokenizer.pad_token_id, top_p=cfg.top_p)
     if policy.vllm is not None:
         return policy.vllm.generate(prompts, temperatures, noise, device=policy.ranks.device, **kw)
-    return generate(module, prompts, temperatures, noise=noise, **kw)
+    # At most rollout_rows rows per generation (the KV cache grows with rows × tokens). Each row has
+    # its own noise, so the rationales are the same however the rows are split.
+    step = cfg.rollout_rows or len(prompts)
+    parts = [generate(module, prompts[i:i + step], temperatures[i:i + step], noise=noise[i:i + step], **kw)
+             for i in range(0, len(prompts), step)]
+    return parts[0] if len(parts) == 1 else cat_rollouts(parts, tokenizer.pad_token_id)
 
 
 def reference_logprobs(policy: Policy, rows: Rollouts, cfg: GraceConfig) -> torch.Tensor | None:

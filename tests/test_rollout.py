@@ -122,3 +122,20 @@ def test_vllm_rollout_needs_a_gpu_and_falls_back_without_vllm(capsys):
     if importlib.util.find_spec("vllm") is None:  # this machine: the HF path takes over, and says so
         assert make_vllm_rollout(GraceConfig(rollout="vllm"), "tiny", torch.device("cuda"), False, False) is None
         assert "falling back to --rollout hf" in capsys.readouterr().out
+
+
+def test_rollouts_generated_in_parts_equal_one_batch(tiny):
+    """--rollout-rows: generating the rows in several batches and concatenating gives the same Rollouts."""
+    from minigrace.rollout import cat_rollouts
+
+    model, tok = tiny
+    prompts = [chat_prompt(tok, t, 128) for t in TEXTS * 2]
+    noise = torch.rand(len(prompts), 10, generator=torch.Generator().manual_seed(1))
+    temps = torch.tensor([1.0, 0.5, 1.0, 1.0, 0.0, 0.5])
+    kw = dict(max_new_tokens=10, eos_ids=eos_token_ids(model, tok), pad_id=tok.pad_token_id)
+    whole = generate(model, prompts, temps, noise=noise, **kw)
+    parts = cat_rollouts([generate(model, prompts[i:i + 4], temps[i:i + 4], noise=noise[i:i + 4], **kw)
+                          for i in (0, 4)], tok.pad_token_id)
+    assert parts.prompt_width == whole.prompt_width and parts.ids.shape == whole.ids.shape
+    for name in ("ids", "attention", "response_mask", "pool_mask", "truncated", "prompt_truncated"):
+        assert torch.equal(getattr(parts, name), getattr(whole, name)), name
