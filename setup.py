@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "pyyaml",
         "mteb>=2.0",
+        "peft>=0.21",  # --lora-r (LoRA adapters); tested with 0.21.2
         "pytest",
         "hypothesis",
     ],

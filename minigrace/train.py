@@ -9,6 +9,9 @@
 
 Only the main rationales (the positive document's, or the text's in unsupervised mode) are
 trained; query and negative rationales come from the same policy but get no gradient.
+
+Under torchrun every rank runs this loop on its share of each step's prompts; parallel.py does the
+rest (shards, the all-gather the reward needs, DDP / FSDP2, full-state checkpoints).
 """
 from __future__ import annotations
 
@@ -159,7 +162,7 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
     local = parallel.shard(examples, ranks)
     n_prompts, n_main = len(local), len(local) * group
 
-    # 1-2. Sample rationales for every prompt of the step in one batched generation.
+    # 1-2. Sample rationales for this rank's prompts (batched generation, per-row noise).
     prompts, temperatures = build_rollout_prompts(tokenizer, local, cfg, mode, use_negatives)
     noise = rollout_noise(generator, len(examples), cfg, use_negatives, ranks)
     if policy.vllm is not None:
