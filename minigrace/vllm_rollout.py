@@ -9,7 +9,9 @@ on which rank draws it (though vLLM's tokens are not bit-identical to the HF pat
 
 UNTESTED HERE: vLLM does not install on the CPU machine minigrace is developed on. The internal
 attribute path to the model runner differs between vLLM versions (written against 0.8-0.10 with
-VLLM_ENABLE_V1_MULTIPROCESSING=0); if it moved, `sync_weights` is the one place to adapt.
+VLLM_ENABLE_V1_MULTIPROCESSING=0); if it moved, `sync_weights` is the one place to adapt. To check
+on a GPU: that a stop at EOS keeps the EOS token in `token_ids` (the HF path's responses include it),
+and that rollouts after `sync_weights` follow the trained weights (greedy vLLM vs greedy HF).
 """
 from __future__ import annotations
 

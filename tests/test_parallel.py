@@ -1,6 +1,7 @@
 """parallel.py: `torchrun --nproc-per-node 2` (gloo, CPU) trains the tiny model to the same weights as
-one process with the same global batch and seed, with DDP and with FSDP2; a checkpoint written by 2
-FSDP ranks resumes on 1 process and lands on the same weights."""
+one process with the same global batch and seed, with DDP and with FSDP2 (and FSDP2 + LoRA with the
+adapters-off KL reference); a checkpoint written by 2 FSDP ranks resumes on 1 process and lands on
+the same weights."""
 import json
 import os
 import subprocess
@@ -23,8 +24,20 @@ SAME_METRICS = ["reward_mean", "reward_std", "advantage_abs_mean", "loss", "grad
                 "response_len_mean", "emb_cross_cos_mean"]
 
 
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(run_dir, "checkpoint-final", "model.safetensors"))
+LORA = ["--lora-r", "4", "--kl-coef", "0.1", "--grad-checkpointing", "--lr", "1e-5"]
+
+
+def weights(run_dir, name="model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(run_dir, "checkpoint-final", name))
+
+
+def torchrun(out, *extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py",
+           *ARGS, *extra, "--out", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
 def step_rows(run_dir) -> list[dict]:
@@ -41,11 +54,7 @@ def one_process(tiny, one_thread, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_two_processes_train_like_one(one_process, kind, tmp_path):
     out = tmp_path / kind
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py",
-           *ARGS, "--parallel", kind, "--out", str(out)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(out, "--parallel", kind)
     assert "2 processes (" + kind + ")" in run.stdout  # rank 0 printed; rank 1 printed nothing
     assert run.stdout.count("GRACE supervised ·") == 1
 
@@ -68,3 +77,17 @@ def test_two_processes_train_like_one(one_process, kind, tmp_path):
         main(cfg, resume)
         resumed = weights(out)
         assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_two_processes_fsdp_lora_train_like_one(tiny, one_thread, tmp_path):
+    """LoRA under FSDP2: frozen and trainable weights share a shard group, and the KL reference is
+    the same sharded model with its adapters off."""
+    main(parse_args(ARGS + LORA + ["--out", str(tmp_path / "one")])[0])
+    torchrun(tmp_path / "two", "--parallel", "fsdp", *LORA)
+    one = weights(tmp_path / "one", "adapter_model.safetensors")
+    two = weights(tmp_path / "two", "adapter_model.safetensors")
+    assert one.keys() == two.keys() and all("lora_" in k for k in one)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 2e-5  # B starts at 0
+    kls = [[r["kl"] for r in step_rows(run)] for run in (tmp_path / "one", tmp_path / "two")]
+    assert kls[0][-1] > 0 and kls[0] == pytest.approx(kls[1], rel=1e-3)
