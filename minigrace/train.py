@@ -27,14 +27,14 @@ import torch
 from .advantage import compute_advantages
 from .checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, rng_state, save_checkpoint,
                          set_rng_state, write_json)
-from .config import GraceConfig
+from .config import GraceConfig, resume_conflicts
 from .data import Example, PromptBatches, load_examples, split_heldout
 from .embed import forward_rollouts, microbatches, trim
 from .eval import heldout_retrieval
 from .loss import policy_forward, policy_loss, response_logprobs
 from .models import eos_token_ids, load_model, resolve_device, resolve_dtype
 from .prompts import chat_prompt
-from .reward import compute_rewards, cross_text_cosine
+from .reward import compute_rewards, cross_text_cosine, nonfinite_rewards
 from .rollout import generate
 
 
@@ -100,8 +100,12 @@ def build_rollout_prompts(tokenizer, examples: list[Example], cfg: GraceConfig, 
 
 
 def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cfg: GraceConfig, mode: str,
-               generator: torch.Generator) -> tuple[dict, dict]:
-    """Rollout → embed → reward → advantage → update. Returns (metrics, data for samples.jsonl)."""
+               generator: torch.Generator, reward_fn=compute_rewards) -> tuple[dict, dict | None]:
+    """Rollout → embed → reward → advantage → update. Returns (metrics, data for samples.jsonl).
+
+    A step whose rewards or advantages are not finite makes no update: metrics["skipped"] says why
+    (and the sample is None). An update whose loss or gradients are not finite is dropped the same way.
+    """
     model, tokenizer = policy.model, policy.tokenizer
     t0 = time.perf_counter()
     n_prompts, group = len(examples), cfg.group_size
@@ -123,8 +127,12 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
 
     # 4-5. Reward each main rollout; advantages relative to its group.
     main = rollouts.rows(slice(0, n_main))
-    rewards = compute_rewards(doc_emb, query_emb, neg_emb, main.truncated, cfg, mode)
-    advantages, frac_zero_std = compute_advantages(rewards.total, group, cfg.scale_std)  # [P*G]
+    rewards = reward_fn(doc_emb, query_emb, neg_emb, main.truncated, cfg, mode)
+    problem = nonfinite_rewards(rewards)
+    if problem:  # no update from this batch (never a silent 0 reward)
+        scheduler.step()  # the step still counts: the learning-rate schedule follows the step number
+        return {"skipped": problem, "step_time_s": time.perf_counter() - t0}, None
+    advantages, frac_zero_std = compute_advantages(rewards.total, group, cfg.scale_std)  # [P*G], finite
 
     # 6. Policy update on the main rollouts: mini-batches of prompts, micro-batches by token budget.
     old_logprobs = fwd.old_logprobs[:n_main]
@@ -156,12 +164,12 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
                 stats["clip_frac_sum"] += s["clip_frac_sum"]
                 stats["kl_sum"] += s.get("kl_sum", 0.0)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if torch.isfinite(grad_norm):
+            if torch.isfinite(grad_norm):  # (a non-finite loss gives a non-finite norm too)
                 optimizer.step()
             else:  # a non-finite gradient would poison the weights: drop this update, count it
                 stats["skipped_updates"] += 1
             optimizer.zero_grad(set_to_none=True)
-            stats["grad_norm"] += float(grad_norm)
+            stats["grad_norm"] += float(grad_norm) if torch.isfinite(grad_norm) else 0.0
             n_updates += 1
     scheduler.step()
 
@@ -188,6 +196,8 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
         "rollout_time_s": t_rollout,
         "step_time_s": step_time,
     }
+    if stats["skipped_updates"]:
+        metrics["skipped"] = f"{stats['skipped_updates']} of {n_updates} updates had a non-finite loss or gradient"
     sample = {"examples": examples, "rationales": tokenizer.batch_decode(main.responses(), skip_special_tokens=True),
               "rewards": rewards.total.tolist()}
     return metrics, sample
@@ -197,21 +207,33 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
 # Evaluation and logging
 
 
-def evaluate(policy: Policy, heldout: list[Example], cfg: GraceConfig, corpus) -> tuple[dict, list[dict]]:
-    """Held-out retrieval with greedy rationales → ({eval_*: value}, a few example rationales)."""
-    if not heldout:
-        return {}, []
-    with autocast(policy):
-        metrics, doc_rationales, _ = heldout_retrieval(
-            policy.model, policy.tokenizer, heldout, max_new_tokens=cfg.max_new_tokens,
-            max_prompt_len=cfg.max_prompt_len)
-    out = {f"eval_{k}": v for k, v in metrics.items()}
-    if corpus is not None:  # built-in data knows each text's topic: how often does the rationale name it?
-        from .builtin import rationale_topic
-        rows = corpus.heldout[:len(heldout)]
-        named = [rationale_topic(r, corpus) == row["topic"] for r, row in zip(doc_rationales, rows)]
-        out["eval_rationale_topic_acc"] = sum(named) / len(named)
-    examples = [{"text": ex.text, "rationale": r} for ex, r in zip(heldout[:3], doc_rationales[:3])]
+def evaluate(policy: Policy, heldout: list[Example], cfg: GraceConfig, corpus, tasks=()) -> tuple[dict, list[dict]]:
+    """Held-out retrieval with greedy rationales, and the mteb `tasks` (--eval-tasks) through the
+    Encoder → ({eval_*: value}, a few example rationales)."""
+    out, examples = {}, []
+    if heldout:
+        with autocast(policy):
+            metrics, doc_rationales, _ = heldout_retrieval(
+                policy.model, policy.tokenizer, heldout, max_new_tokens=cfg.max_new_tokens,
+                max_prompt_len=cfg.max_prompt_len)
+        out = {f"eval_{k}": v for k, v in metrics.items()}
+        if corpus is not None:  # built-in data knows each text's topic: how often does the rationale name it?
+            from .builtin import rationale_topic
+            rows = corpus.heldout[:len(heldout)]
+            named = [rationale_topic(r, corpus) == row["topic"] for r, row in zip(doc_rationales, rows)]
+            out["eval_rationale_topic_acc"] = sum(named) / len(named)
+        examples = [{"text": ex.text, "rationale": r} for ex, r in zip(heldout[:3], doc_rationales[:3])]
+    if tasks:
+        from .encode import Encoder
+        from .eval import MtebEncoder, run_tasks
+
+        encoder = Encoder((policy.model, policy.tokenizer), max_new_tokens=cfg.max_new_tokens,
+                          max_prompt_len=cfg.max_prompt_len, max_tokens_per_microbatch=cfg.max_tokens_per_microbatch)
+        with autocast(policy):
+            scores, failed = run_tasks(MtebEncoder(encoder, name=cfg.model), tasks, None, progress=False)
+        for why in failed.values():
+            print(f"warning: {why}")
+        out.update({f"eval_mteb_{task}": score for task, score in scores.items()})
     return out, examples
 
 
@@ -249,12 +271,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(cfg: GraceConfig, resume: str = "") -> dict:
-    """Run GRACE training with `cfg`; returns the summary (also written to <out>/summary.json)."""
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was saved."""
+
+
+def main(cfg: GraceConfig, resume: str = "", reward_fn=compute_rewards) -> dict:
+    """Run GRACE training with `cfg`; returns the summary (also written to <out>/summary.json).
+
+    resume: a run directory whose newest checkpoint to continue from (`cfg` is that run's config, as
+    `config.parse_args` builds it for --resume). reward_fn: compute_rewards or a function with its
+    signature.
+    """
     from tqdm.auto import tqdm
 
     if resume:
-        cfg, out_dir, resume_from = _resume_target(cfg, resume)
+        out_dir, resume_from = resume, latest_checkpoint(resume)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint-NNNNNN directory in it")
+        state = load_trainer_state(resume_from)
+        conflicts = resume_conflicts(state["config"], cfg.to_dict())
+        if conflicts:
+            raise ValueError(f"--resume {resume}: the checkpoint was trained with a different config: "
+                             f"{', '.join(conflicts)}")
     else:
         out_dir = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         resume_from = None
@@ -267,6 +305,12 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
     batches = PromptBatches(train_examples, cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     write_json(os.path.join(out_dir, "config.json"), {**cfg.to_dict(), "resolved_mode": mode})
+    tasks = []
+    if cfg.eval_tasks:
+        from .eval import load_tasks
+        tasks, not_run = load_tasks([t.strip() for t in cfg.eval_tasks.split(",") if t.strip()])
+        for why in not_run.values():
+            print(f"warning: --eval-tasks: {why}")
 
     device = resolve_device(cfg.device)
     model_dtype = resolve_dtype(cfg.dtype, device)
@@ -283,15 +327,14 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    start_step = 0
+    start_step, skipped_steps = 0, 0
     if resume_from:
-        state = load_trainer_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"])
         generator.set_state(state["generator"])
-        start_step = state["step"]
+        start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
         print(f"resuming {out_dir} from step {start_step} ({resume_from})")
 
     # Ctrl-C / SIGTERM: finish the current step, save, exit cleanly. A second Ctrl-C stops at once.
@@ -313,25 +356,46 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
 
     before = {}
     if start_step == 0:
-        before, examples_before = evaluate(policy, heldout, cfg, corpus)
+        before, examples_before = evaluate(policy, heldout, cfg, corpus, tasks)
         log.metric({"step": 0, **before})
     else:
         before = state.get("eval_before", {})
 
-    def trainer_state(step):
+    def trainer_state(step: int) -> dict:  # everything needed to continue exactly
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "batches": batches.state_dict(), "rng": rng_state(), "generator": generator.get_state(),
-                "step": step, "config": cfg.to_dict(), "eval_before": before}
+                "step": step, "skipped_steps": skipped_steps, "config": cfg.to_dict(), "eval_before": before}
 
-    reward_means, step = [], start_step
+    def save(step: int) -> str:
+        path = save_checkpoint(os.path.join(out_dir, f"checkpoint-{step:06d}"), model, tokenizer, trainer_state(step))
+        prune_checkpoints(out_dir, cfg.keep_last)  # verifies the new checkpoint before deleting older ones
+        return path
+
+    reward_means, step, bad_in_a_row = [], start_step, 0
     try:
         bar = tqdm(range(start_step, total_steps), desc="GRACE", initial=start_step, total=total_steps)
         for step in bar:
-            metrics, sample = grace_step(policy, optimizer, scheduler, next(batches), cfg, mode, generator)
+            metrics, sample = grace_step(policy, optimizer, scheduler, next(batches), cfg, mode, generator, reward_fn)
+            if "skipped" in metrics:  # non-finite rewards, loss or gradients: no (or a partial) update
+                skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
+                tqdm.write(f"step {step + 1}: skipped: {metrics['skipped']}")
+            else:
+                bad_in_a_row = 0
+            row = {"step": step + 1, "epoch": batches.epoch, **metrics, "skipped_steps": skipped_steps}
+            if bad_in_a_row >= cfg.max_bad_steps:
+                log.metric(row)
+                log.close()
+                path = save(step + 1)
+                raise TrainingStopped(
+                    f"{bad_in_a_row} consecutive steps had non-finite values (last: {metrics['skipped']}); their "
+                    f"updates were skipped, so {path} holds the last good weights. Likely causes: a learning rate "
+                    f"too high (--lr {cfg.lr}), fp16 overflow (--dtype), or a reward function that returns NaN")
+            if sample is None:
+                log.metric(row)
+                continue
             reward_means.append(metrics["reward_mean"])
-            row = {"step": step + 1, "epoch": batches.epoch, **metrics}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-                row.update(evaluate(policy, heldout, cfg, corpus)[0])
+                row.update(evaluate(policy, heldout, cfg, corpus, tasks)[0])
             if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
                 log.metric(row)
             if (step + 1) % (10 * cfg.log_every) == 0 or step == start_step:
@@ -339,8 +403,7 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", pos=f"{metrics['reward_positive']:.3f}",
                             cross=f"{metrics['emb_cross_cos_mean']:.3f}", len=f"{metrics['response_len_mean']:.1f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                save_checkpoint(os.path.join(out_dir, f"checkpoint-{step + 1:06d}"), model, tokenizer,
-                                trainer_state(step + 1))
+                save(step + 1)
             if stop["requested"]:
                 break
         bar.close()
@@ -350,16 +413,16 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
             signal.signal(s, h)
 
     if stop["requested"] and done < total_steps:
-        path = save_checkpoint(os.path.join(out_dir, f"checkpoint-{done:06d}"), model, tokenizer, trainer_state(done))
+        path = save(done)
         print(f"stopped at step {done}/{total_steps}; saved {path}. Continue with: python train.py --resume {out_dir}")
         log.close()
         return {"stopped_at": done, "checkpoint": path}
 
-    after, examples_after = evaluate(policy, heldout, cfg, corpus)
+    after, examples_after = evaluate(policy, heldout, cfg, corpus, tasks)
     log.metric({"step": done, **after})
     log.close()
     final = save_checkpoint(os.path.join(out_dir, "checkpoint-final"), model, tokenizer, trainer_state(done))
-    summary = {"steps": done, "mode": mode, "reward_first10": _mean(reward_means[:10]),
+    summary = {"steps": done, "mode": mode, "skipped_steps": skipped_steps, "reward_first10": _mean(reward_means[:10]),
                "reward_last10": _mean(reward_means[-10:]), "eval_before": before, "eval_after": after,
                "checkpoint": final}
     write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -381,18 +444,3 @@ def _print_summary(summary: dict, examples: list[dict]) -> None:
     for ex in examples[:2]:
         print(f"  e.g. {ex['text'][:70]!r}\n       → {ex['rationale'][:90]!r}")
     print(f"  checkpoint: {summary['checkpoint']}")
-
-
-def _resume_target(cfg: GraceConfig, resume: str) -> tuple[GraceConfig, str, str]:
-    """--resume RUN_DIR|latest → (the run's config, run dir, checkpoint to load)."""
-    if resume == "latest":
-        runs = sorted((os.path.join("runs", d) for d in os.listdir("runs")), key=os.path.getmtime) \
-            if os.path.isdir("runs") else []
-        if not runs:
-            raise FileNotFoundError("--resume latest: no runs under ./runs")
-        resume = runs[-1]
-    ckpt = latest_checkpoint(resume)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint-NNNNNN directory in it")
-    saved = load_trainer_state(ckpt)["config"]
-    return GraceConfig(**saved), resume, ckpt
