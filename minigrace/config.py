@@ -128,8 +128,10 @@ class GraceConfig:
 # Recipes for small models, applied to the fields the user did not set. GRACE's own values (the
 # dataclass defaults) are meant for 1.5B-4B models on GPUs and would not move a tiny model.
 PRESETS: dict[str, dict] = {
+    # 2k-token micro-batches: on CPU as fast as one 12k-token batch, and the train step's peak RSS
+    # drops from ~830 to ~600 MiB (bench/train_step.py).
     "tiny": dict(batch_size=16, mini_batch_size=16, max_new_tokens=16, max_prompt_len=128, lr=3e-4,
-                 max_steps=80, save_every=0, eval_size=200, weight_decay=0.0),
+                 max_steps=80, save_every=0, eval_size=200, weight_decay=0.0, max_tokens_per_microbatch=2048),
     "smollm2-135m": dict(batch_size=8, mini_batch_size=8, max_new_tokens=48, max_prompt_len=256, lr=1e-5,
                          max_steps=60, save_every=0, eval_size=100),
 }
