@@ -14,6 +14,7 @@ def main() -> int:
     cfg, resume = parse_args()
     from minigrace.data import DataError
     from minigrace.models import ModelNotAvailable
+    from minigrace.train import TrainingStopped
     from minigrace.train import main as train
 
     try:
@@ -21,6 +22,12 @@ def main() -> int:
     except (ModelNotAvailable, DataError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
+        print("aborted (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

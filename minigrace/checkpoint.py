@@ -3,10 +3,13 @@
 A checkpoint directory holds the model (safetensors, loadable by `from_pretrained`), the tokenizer,
 and `trainer_state.pt` (optimizer, scheduler, RNG states, data position, step). It is written to a
 temporary sibling directory and renamed into place, so a crash mid-write leaves the previous
-checkpoint untouched and never a half-written one.
+checkpoint untouched and never a half-written one. `manifest.json` lists every file's SHA-256:
+`verify_checkpoint` re-reads them, and `prune_checkpoints` deletes older checkpoints only after the
+newest one verifies.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 
 
 def rng_state() -> dict:
@@ -48,6 +52,9 @@ def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = No
         save_merged(tmp, os.path.join(tmp, "merged"))
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+    # Hash (and fsync) every file, so the checkpoint can be verified before anything older is deleted.
+    files = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
+    write_json(os.path.join(tmp, MANIFEST), {name: sha256(os.path.join(tmp, name), sync=True) for name in files})
     if os.path.exists(path):  # e.g. checkpoint-final of an earlier attempt: replace it
         old = f"{path}.old-{os.getpid()}"
         os.rename(path, old)
@@ -63,24 +70,66 @@ def load_trainer_state(path: str) -> dict:
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete step checkpoint in a run directory (temporary ones are ignored)."""
-    steps = []
+    """The newest complete step checkpoint in a run directory."""
+    found = step_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def sha256(path: str, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(fh.fileno())  # on disk before the rename that publishes it
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise ValueError unless every file in the manifest is present with its hash, and the weights and
+    trainer state load."""
+    from safetensors import safe_open
+
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no readable {MANIFEST} ({e})") from None
+    for name, expected in manifest.items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file) or sha256(file) != expected:
+            raise ValueError(f"{path}: {name} is missing or does not match its hash")
+    for name in manifest:
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as weights:
+                for key in weights.keys():
+                    weights.get_slice(key)  # parses every tensor header
+    if STATE_FILE in manifest:
+        load_trainer_state(path)
+
+
+def step_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoint-NNNNNN directories, oldest first (temporary ones are ignored)."""
+    found = []
     for name in os.listdir(run_dir):
         full = os.path.join(run_dir, name)
         if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() \
                 and os.path.exists(os.path.join(full, STATE_FILE)):
-            steps.append((int(name[len("checkpoint-"):]), full))
-    return max(steps)[1] if steps else None
+            found.append((int(name[len("checkpoint-"):]), full))
+    return sorted(found)
 
 
-def prune_checkpoints(run_dir: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints (0 keeps all)."""
-    if keep_last <= 0:
-        return
-    steps = sorted(int(n.split("-")[1]) for n in os.listdir(run_dir)
-                   if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
-    for step in steps[:-keep_last]:
-        shutil.rmtree(os.path.join(run_dir, f"checkpoint-{step:06d}"), ignore_errors=True)
+def prune_checkpoints(run_dir: str, keep_last: int) -> list[str]:
+    """Verify the newest step checkpoint, then delete all but the newest `keep_last` (0 keeps all).
+    Returns the deleted paths. A newest checkpoint that fails verification deletes nothing."""
+    found = step_checkpoints(run_dir)
+    if keep_last <= 0 or len(found) <= keep_last:
+        return []
+    verify_checkpoint(found[-1][1])
+    old = [path for _, path in found[:-keep_last]]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def write_json(path: str, obj) -> None:

@@ -18,7 +18,7 @@ raise at once by making all embeddings alike. On the tiny model it collapses (em
 0.86 → 0.99, held-out retrieval down). The default `--reward contrastive` is the discriminative
 term alone: it rises only when a rollout is closer to its own query than to the other queries of
 the batch, and all-alike embeddings are its worst case (−log P). `custom` mixes all weights. A rationale cut at max_new_tokens without
-EOS is penalized (see `apply_length_penalty`). A non-finite reward is an error, never a silent 0.
+EOS is penalized (see `apply_length_penalty`). A non-finite reward is reported (`nonfinite_rewards`) and the trainer skips the step: never a silent 0.
 """
 from __future__ import annotations
 
@@ -28,10 +28,6 @@ import torch
 
 from .config import GraceConfig
 from .kernels import REWARD_COMPONENTS, RewardWeights, grace_reward
-
-
-class RewardError(RuntimeError):
-    """The reward could not be computed (non-finite values or bad shapes)."""
 
 
 @dataclass
@@ -53,13 +49,18 @@ def compute_rewards(doc_emb: torch.Tensor, query_emb: torch.Tensor, neg_emb: tor
                     truncated: torch.Tensor, cfg: GraceConfig, mode: str) -> Rewards:
     """doc_emb [P*G, H], query_emb [P, H], neg_emb [P, H] or None, truncated [P*G] → Rewards."""
     total, parts = grace_reward(doc_emb, query_emb, neg_emb, cfg.group_size, cfg.tau, reward_weights(cfg), mode=mode)
-    bad = ~torch.isfinite(total)
-    if bad.any():
-        names = [k for k in REWARD_COMPONENTS if not torch.isfinite(parts[k]).all()]
-        raise RewardError(f"{int(bad.sum())} of {total.numel()} rewards are not finite "
-                          f"(components: {names or 'weights'}); embeddings finite: {bool(torch.isfinite(doc_emb).all())}")
     return Rewards(apply_length_penalty(total, truncated, cfg.group_size, cfg.length_penalty,
                                         cfg.length_penalty_mode), parts)
+
+
+def nonfinite_rewards(rewards: Rewards) -> str:
+    """'' when every reward is finite, else which are not: the trainer skips such a step (never zeroes it)."""
+    bad = ~torch.isfinite(rewards.total)
+    if not bad.any():
+        return ""
+    names = [name for name, values in rewards.parts.items() if not torch.isfinite(values).all()]
+    groups = sorted({int(i) for i in bad.nonzero().flatten()})
+    return f"{int(bad.sum())} of {bad.numel()} rewards are not finite (rows {groups[:8]}, components {names})"
 
 
 def apply_length_penalty(total: torch.Tensor, truncated: torch.Tensor, group_size: int, penalty: float,

@@ -31,14 +31,14 @@ from . import lora, parallel
 from .advantage import compute_advantages
 from .checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, rng_state, save_checkpoint,
                          set_rng_state, write_json)
-from .config import GraceConfig
+from .config import GraceConfig, resume_conflicts
 from .data import Example, PromptBatches, load_examples, split_heldout
 from .embed import forward_rollouts, microbatches, trim
 from .eval import heldout_retrieval
 from .loss import policy_forward, policy_loss, response_logprobs
 from .models import eos_token_ids, load_model, model_source, resolve_dtype
 from .prompts import chat_prompt
-from .reward import compute_rewards, cross_text_cosine
+from .reward import compute_rewards, cross_text_cosine, nonfinite_rewards
 from .rollout import Rollouts, cat_rollouts, generate
 
 
@@ -150,8 +150,11 @@ def reference_logprobs(policy: Policy, rows: Rollouts, cfg: GraceConfig) -> torc
 
 
 def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cfg: GraceConfig, mode: str,
-               generator: torch.Generator) -> tuple[dict, dict]:
+               generator: torch.Generator, reward_fn=compute_rewards) -> tuple[dict, dict | None]:
     """Rollout → embed → reward → advantage → update. Returns (metrics, data for samples.jsonl).
+
+    A step whose rewards or advantages are not finite makes no update: metrics["skipped"] says why
+    (and the sample is None). An update whose loss or gradients are not finite is dropped the same way.
 
     `examples` is the global batch; under torchrun this rank rolls out and trains on its share
     (parallel.shard), and the reward sees every rank's embeddings."""
@@ -181,8 +184,12 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
     query_emb = parallel.gather_prompts(fwd.embeddings[n_main:n_main + n_prompts], 1, ranks)  # [P, H]
     neg_emb = parallel.gather_prompts(fwd.embeddings[n_main + n_prompts:], 1, ranks) if use_negatives else None
     truncated = parallel.gather_prompts(main.truncated.long(), group, ranks).bool()  # [P*G]
-    rewards = compute_rewards(doc_emb, query_emb, neg_emb, truncated, cfg, mode)
-    all_advantages, frac_zero_std = compute_advantages(rewards.total, group, cfg.scale_std)  # [P*G]
+    rewards = reward_fn(doc_emb, query_emb, neg_emb, truncated, cfg, mode)
+    problem = nonfinite_rewards(rewards)  # the global rewards: every rank skips the same steps
+    if problem:  # no update from this batch (never a silent 0 reward)
+        scheduler.step()  # the step still counts: the learning-rate schedule follows the step number
+        return {"skipped": problem, "step_time_s": time.perf_counter() - t0}, None
+    all_advantages, frac_zero_std = compute_advantages(rewards.total, group, cfg.scale_std)  # [P*G], finite
     advantages = parallel.local_rows(all_advantages, group, ranks)  # [P/N*G]: this rank's rollouts
 
     # 6. Policy update on the main rollouts: mini-batches of prompts, micro-batches by token budget.
@@ -224,12 +231,12 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-            if torch.isfinite(grad_norm):
+            if torch.isfinite(grad_norm):  # (a non-finite loss gives a non-finite norm too)
                 optimizer.step()
             else:  # a non-finite gradient would poison the weights: drop this update, count it
                 stats["skipped_updates"] += 1
             optimizer.zero_grad(set_to_none=True)
-            stats["grad_norm"] += float(grad_norm)
+            stats["grad_norm"] += float(grad_norm) if torch.isfinite(grad_norm) else 0.0
             n_updates += 1
     scheduler.step()
 
@@ -260,6 +267,8 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
         "rollout_time_s": t_rollout,
         "step_time_s": step_time,
     }
+    if stats["skipped_updates"]:
+        metrics["skipped"] = f"{stats['skipped_updates']} of {n_updates} updates had a non-finite loss or gradient"
     sample = {"examples": local, "rationales": tokenizer.batch_decode(main.responses(), skip_special_tokens=True),
               "rewards": parallel.local_rows(rewards.total, group, ranks).tolist()}
     return metrics, sample
@@ -284,22 +293,36 @@ def sync_vllm_weights(policy: Policy) -> None:
 # Evaluation and logging
 
 
-def evaluate(policy: Policy, heldout: list[Example], cfg: GraceConfig, corpus) -> tuple[dict, list[dict]]:
-    """Held-out retrieval with greedy rationales → ({eval_*: value}, a few example rationales)."""
-    if not heldout:
-        return {}, []
-    # Every rank evaluates (the same numbers): under FSDP the forwards need all ranks' weights.
-    with autocast(policy), parallel.full_weights(policy.model):
-        metrics, doc_rationales, _ = heldout_retrieval(
-            policy.module, policy.tokenizer, heldout, max_new_tokens=cfg.max_new_tokens,
-            max_prompt_len=cfg.max_prompt_len)
-    out = {f"eval_{k}": v for k, v in metrics.items()}
-    if corpus is not None:  # built-in data knows each text's topic: how often does the rationale name it?
-        from .builtin import rationale_topic
-        rows = corpus.heldout[:len(heldout)]
-        named = [rationale_topic(r, corpus) == row["topic"] for r, row in zip(doc_rationales, rows)]
-        out["eval_rationale_topic_acc"] = sum(named) / len(named)
-    examples = [{"text": ex.text, "rationale": r} for ex, r in zip(heldout[:3], doc_rationales[:3])]
+def evaluate(policy: Policy, heldout: list[Example], cfg: GraceConfig, corpus, tasks=()) -> tuple[dict, list[dict]]:
+    """Held-out retrieval with greedy rationales, and the mteb `tasks` (--eval-tasks) through the
+    Encoder → ({eval_*: value}, a few example rationales).
+
+    Every rank evaluates (the same numbers): under FSDP the forwards need all ranks' weights."""
+    out, examples = {}, []
+    if heldout:
+        with autocast(policy), parallel.full_weights(policy.model):
+            metrics, doc_rationales, _ = heldout_retrieval(
+                policy.module, policy.tokenizer, heldout, max_new_tokens=cfg.max_new_tokens,
+                max_prompt_len=cfg.max_prompt_len)
+        out = {f"eval_{k}": v for k, v in metrics.items()}
+        if corpus is not None:  # built-in data knows each text's topic: how often does the rationale name it?
+            from .builtin import rationale_topic
+            rows = corpus.heldout[:len(heldout)]
+            named = [rationale_topic(r, corpus) == row["topic"] for r, row in zip(doc_rationales, rows)]
+            out["eval_rationale_topic_acc"] = sum(named) / len(named)
+        examples = [{"text": ex.text, "rationale": r} for ex, r in zip(heldout[:3], doc_rationales[:3])]
+    if tasks:
+        from .encode import Encoder
+        from .eval import MtebEncoder, run_tasks
+
+        encoder = Encoder((policy.module, policy.tokenizer), max_new_tokens=cfg.max_new_tokens,
+                          max_prompt_len=cfg.max_prompt_len, max_tokens_per_microbatch=cfg.max_tokens_per_microbatch)
+        with autocast(policy), parallel.full_weights(policy.model):
+            scores, failed = run_tasks(MtebEncoder(encoder, name=cfg.model), tasks, None, progress=False)
+        for why in failed.values():
+            if policy.ranks.is_main:
+                print(f"warning: {why}")
+        out.update({f"eval_mteb_{task}": score for task, score in scores.items()})
     return out, examples
 
 
@@ -337,12 +360,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(cfg: GraceConfig, resume: str = "") -> dict:
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps); a checkpoint was saved."""
+
+
+def main(cfg: GraceConfig, resume: str = "", reward_fn=compute_rewards) -> dict:
     """Run GRACE training with `cfg`; returns the summary (also written to <out>/summary.json).
-    Under torchrun every rank calls this; rank 0 logs and saves (parallel.py)."""
+
+    resume: a run directory whose newest checkpoint to continue from (`cfg` is that run's config, as
+    `config.parse_args` builds it for --resume). reward_fn: compute_rewards or a function with its
+    signature. Under torchrun every rank calls this; rank 0 logs and saves (parallel.py).
+    """
     ranks = parallel.setup(cfg.device)
     try:
-        return _train(cfg, resume, ranks)
+        return _train(cfg, resume, reward_fn, ranks)
     finally:
         parallel.teardown(ranks)
 
@@ -371,11 +402,18 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
     return Policy(model, parallel.unwrap(model), tokenizer, ref_model, compute_dtype, ranks, bool(cfg.lora_r), vllm)
 
 
-def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
+def _train(cfg: GraceConfig, resume: str, reward_fn, ranks: parallel.Ranks) -> dict:
     from tqdm.auto import tqdm
 
     if resume:
-        cfg, out_dir, resume_from = _resume_target(cfg, resume)
+        out_dir, resume_from = resume, latest_checkpoint(resume)
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint-NNNNNN directory in it")
+        state = load_trainer_state(resume_from)
+        conflicts = resume_conflicts(state["config"], cfg.to_dict())
+        if conflicts:
+            raise ValueError(f"--resume {resume}: the checkpoint was trained with a different config: "
+                             f"{', '.join(conflicts)}")
     else:
         out_dir = parallel.broadcast(cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), ranks)
         resume_from = None
@@ -394,6 +432,13 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     if main_rank:
         write_json(os.path.join(out_dir, "config.json"), {**cfg.to_dict(), "resolved_mode": mode})
+    tasks = []
+    if cfg.eval_tasks:
+        from .eval import load_tasks
+        tasks, not_run = load_tasks([t.strip() for t in cfg.eval_tasks.split(",") if t.strip()])
+        for why in not_run.values():
+            if main_rank:
+                print(f"warning: --eval-tasks: {why}")
 
     policy = build_policy(cfg, ranks, resume_from)
     model, module, tokenizer, device = policy.model, policy.module, policy.tokenizer, ranks.device
@@ -403,15 +448,14 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    start_step = 0
+    start_step, skipped_steps = 0, 0
     if resume_from:
-        state = load_trainer_state(resume_from)
         parallel.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"])
         generator.set_state(state["generator"])
-        start_step = state["step"]
+        start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
         if main_rank:
             print(f"resuming {out_dir} from step {start_step} ({resume_from})")
 
@@ -439,7 +483,7 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
 
     before = {}
     if start_step == 0:
-        before, examples_before = evaluate(policy, heldout, cfg, corpus)
+        before, examples_before = evaluate(policy, heldout, cfg, corpus, tasks)
         if main_rank:
             log.metric({"step": 0, **before})
     else:
@@ -449,23 +493,48 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
         """Every rank gathers the full state (a collective under FSDP); rank 0 writes it."""
         weights, optimizer_state = parallel.full_state_dicts(model, optimizer)
         path = os.path.join(out_dir, name)
-        if main_rank:
+        if main_rank:  # everything needed to continue exactly, on any number of processes
             state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "batches": batches.state_dict(), "rng": rng_state(), "generator": generator.get_state(),
-                     "step": step, "config": cfg.to_dict(), "eval_before": before}
+                     "step": step, "skipped_steps": skipped_steps, "config": cfg.to_dict(), "eval_before": before}
             save_checkpoint(path, module, tokenizer, state, state_dict=weights, merge_adapter=final and policy.lora)
         return path
 
-    reward_means, step = [], start_step
+    def save(step: int) -> str:
+        path = checkpoint(f"checkpoint-{step:06d}", step)
+        if main_rank:
+            prune_checkpoints(out_dir, cfg.keep_last)  # verifies the new checkpoint before deleting older ones
+        return path
+
+    reward_means, step, bad_in_a_row = [], start_step, 0
     try:
         bar = tqdm(range(start_step, total_steps), desc="GRACE", initial=start_step, total=total_steps,
                    disable=not main_rank)
         for step in bar:
-            metrics, sample = grace_step(policy, optimizer, scheduler, next(batches), cfg, mode, generator)
+            metrics, sample = grace_step(policy, optimizer, scheduler, next(batches), cfg, mode, generator, reward_fn)
+            if "skipped" in metrics:  # non-finite rewards, loss or gradients: no (or a partial) update
+                skipped_steps, bad_in_a_row = skipped_steps + 1, bad_in_a_row + 1
+                if main_rank:
+                    tqdm.write(f"step {step + 1}: skipped: {metrics['skipped']}")
+            else:
+                bad_in_a_row = 0
+            row = {"step": step + 1, "epoch": batches.epoch, **metrics, "skipped_steps": skipped_steps}
+            if bad_in_a_row >= cfg.max_bad_steps:
+                path = save(step + 1)
+                if main_rank:
+                    log.metric(row)
+                    log.close()
+                raise TrainingStopped(
+                    f"{bad_in_a_row} consecutive steps had non-finite values (last: {metrics['skipped']}); their "
+                    f"updates were skipped, so {path} holds the last good weights. Likely causes: a learning rate "
+                    f"too high (--lr {cfg.lr}), fp16 overflow (--dtype), or a reward function that returns NaN")
+            if sample is None:
+                if main_rank:
+                    log.metric(row)
+                continue
             reward_means.append(metrics["reward_mean"])
-            row = {"step": step + 1, "epoch": batches.epoch, **metrics}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-                row.update(evaluate(policy, heldout, cfg, corpus)[0])
+                row.update(evaluate(policy, heldout, cfg, corpus, tasks)[0])
             if main_rank:
                 if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
                     log.metric(row)
@@ -474,7 +543,7 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", pos=f"{metrics['reward_positive']:.3f}",
                                 cross=f"{metrics['emb_cross_cos_mean']:.3f}", len=f"{metrics['response_len_mean']:.1f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                checkpoint(f"checkpoint-{step + 1:06d}", step + 1)
+                save(step + 1)
             if parallel.max_over_ranks(int(stop["requested"]), ranks):  # all ranks stop at the same step
                 stop["requested"] = True
                 break
@@ -485,15 +554,15 @@ def _train(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> dict:
             signal.signal(s, h)
 
     if stop["requested"] and done < total_steps:
-        path = checkpoint(f"checkpoint-{done:06d}", done)
+        path = save(done)
         if main_rank:
             print(f"stopped at step {done}/{total_steps}; saved {path}. Continue with: python train.py --resume {out_dir}")
             log.close()
         return {"stopped_at": done, "checkpoint": path}
 
-    after, examples_after = evaluate(policy, heldout, cfg, corpus)
+    after, examples_after = evaluate(policy, heldout, cfg, corpus, tasks)
     final = checkpoint("checkpoint-final", done, final=True)
-    summary = {"steps": done, "mode": mode, "reward_first10": _mean(reward_means[:10]),
+    summary = {"steps": done, "mode": mode, "skipped_steps": skipped_steps, "reward_first10": _mean(reward_means[:10]),
                "reward_last10": _mean(reward_means[-10:]), "eval_before": before, "eval_after": after,
                "checkpoint": final}
     if main_rank:
@@ -519,17 +588,3 @@ def _print_summary(summary: dict, examples: list[dict]) -> None:
         print(f"  e.g. {ex['text'][:70]!r}\n       → {ex['rationale'][:90]!r}")
     print(f"  checkpoint: {summary['checkpoint']}")
 
-
-def _resume_target(cfg: GraceConfig, resume: str) -> tuple[GraceConfig, str, str]:
-    """--resume RUN_DIR|latest → (the run's config, run dir, checkpoint to load)."""
-    if resume == "latest":
-        runs = sorted((os.path.join("runs", d) for d in os.listdir("runs")), key=os.path.getmtime) \
-            if os.path.isdir("runs") else []
-        if not runs:
-            raise FileNotFoundError("--resume latest: no runs under ./runs")
-        resume = runs[-1]
-    ckpt = latest_checkpoint(resume)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint-NNNNNN directory in it")
-    saved = load_trainer_state(ckpt)["config"]
-    return GraceConfig(**saved), resume, ckpt

@@ -89,3 +89,22 @@ def test_k3_kl_is_zero_at_reference_and_positive_elsewhere():
     r = -0.5  # log π_ref − log π at the first token
     assert stats["kl_sum"] == pytest.approx(math.exp(r) - r - 1, rel=1e-5)
     assert loss.item() == pytest.approx(0.1 * (math.exp(r) - r - 1) / 2, rel=1e-5)
+
+
+def test_rows_without_response_tokens_give_zero_loss_and_finite_grads(tiny_qwen):
+    """A rationale that is all padding (or a micro-batch with no response token at all) contributes
+    exactly 0, never NaN, even next to a row whose advantage is large."""
+    ids, attention, response = make_batch()
+    response[1] = False
+    for mask in (response, torch.zeros_like(response)):
+        tiny_qwen.zero_grad()
+        hidden = policy_forward(tiny_qwen, ids, attention)
+        lp = response_logprobs(hidden, tiny_qwen.get_output_embeddings().weight, ids, mask, chunk=4)
+        assert (lp[~mask] == 0).all()
+        loss, stats = policy_loss(lp, lp.detach(), torch.tensor([1.0, 1e6, -1.0]), mask, 0.2,
+                                  token_count=max(1, int(mask.sum())))
+        loss.backward()
+        grads = [p.grad for p in tiny_qwen.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        if not mask.any():
+            assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
