@@ -78,7 +78,7 @@ def evaluate(model, tokenizer, heldout, cfg, corpus) -> dict:
     from minigrace.train import Policy, evaluate as grace_evaluate
 
     t0 = time.perf_counter()
-    metrics, _ = grace_evaluate(Policy(model, tokenizer, None, None), heldout, cfg, corpus)
+    metrics, _ = grace_evaluate(Policy.single_process(model, tokenizer), heldout, cfg, corpus)
     return {**metrics, "eval_seconds": time.perf_counter() - t0}
 
 
@@ -87,7 +87,7 @@ def run_minigrace(args, out_dir: str) -> dict:
     from minigrace.train import Policy, grace_step
 
     cfg, heldout, mode, corpus, step_batches, model, tokenizer = setup(args, out_dir)
-    policy = Policy(model, tokenizer, None, None)  # CPU: fp32, no autocast (as main() on CPU)
+    policy = Policy.single_process(model, tokenizer)  # CPU: fp32, no autocast (as main() on CPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)

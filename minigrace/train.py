@@ -83,6 +83,11 @@ class Policy:
     lora: bool = False  # adapters on a frozen base: the base (adapters off) is the KL reference
     vllm: object | None = None  # VLLMRollout for --rollout vllm
 
+    @classmethod
+    def single_process(cls, model, tokenizer) -> "Policy":
+        """One process, no autocast, no KL reference: to drive grace_step / evaluate from a script."""
+        return cls(model, model, tokenizer, None, None, parallel.Ranks(0, 1, model.device, launched=False))
+
 
 def autocast(policy: Policy):
     if policy.autocast_dtype is None:

@@ -1,4 +1,5 @@
 """bench/: argument parsing and a tiny in-process dry run of the loss comparison (never timed, < 10 s)."""
+import math
 import sys
 from pathlib import Path
 
@@ -67,3 +68,11 @@ def test_common_helpers():
     with PeakRSS() as mem:
         buf = torch.ones(8 * 2**20 // 4)  # 8 MiB, touched
     assert mem.peak >= mem.before and buf.sum() > 0
+
+
+def test_train_step_drives_minigrace_for_real(tiny, tmp_path, one_thread):
+    """The benchmark's minigrace child (grace_step as train.py drives it) runs and reports every step."""
+    args = train_step.parse_args(["--steps", "2", "--eval-size", "8", "--trainers", "minigrace"])
+    result = train_step.run_minigrace(args, str(tmp_path))
+    assert len(result["step_s"]) == 2 and all(math.isfinite(r) for r in result["rewards"])
+    assert 0 <= result["eval"]["eval_ndcg@10"] <= 1
