@@ -22,7 +22,7 @@ class GraceConfig:
     # --- what to train on -------------------------------------------------------------------
     model: str = _f("tiny", "model: an alias (tiny, smollm2-135m, qwen2.5-1.5b, qwen2.5-3b, llama3.2-3b, "
                             "qwen3-4b), an HF id in the local cache, or a local directory")
-    data: str = _f("builtin", "training data: 'builtin', a .jsonl/.json/.parquet/.txt file, or a saved `datasets` directory")
+    data: str = _f("builtin", "training data: 'builtin', 'everyday' (the shipped real-English set), a .jsonl/.json/.parquet/.txt file, or a saved `datasets` directory")
     mode: str = _f("auto", "supervised (query/positive/negative rows) or unsupervised (text rows); auto infers it",
                    choices=("auto", "supervised", "unsupervised"))
     eval_data: str = _f("", "held-out supervised data for retrieval eval (default: builtin held-out split, "
@@ -66,8 +66,9 @@ class GraceConfig:
     w_discriminative: float = _f(1.0, "weight of the in-batch InfoNCE term (contrastive and custom)")
     length_penalty: float = _f(-1.0, "penalty for a rationale truncated without EOS (see --length-penalty-mode)")
     length_penalty_mode: str = _f("relative", "relative: the group's worst complete reward + penalty (always ranks "
-                                              "last); constant: the reward becomes the penalty (GRACE)",
-                                  choices=("relative", "constant"))
+                                              "last); constant: the reward becomes the penalty (GRACE); none: a cut "
+                                              "rationale keeps its reward (short rationale budgets, where most are cut)",
+                                  choices=("relative", "constant", "none"))
 
     # --- policy update ---------------------------------------------------------------------------
     lr: float = _f(1e-6, "AdamW learning rate (GRACE: 1e-6, constant)")

@@ -52,6 +52,10 @@ def load_data(cfg: GraceConfig, out_dir: str) -> tuple[list[Example], list[Examp
         mode = "supervised" if cfg.mode == "auto" else cfg.mode
         train, _ = load_examples(corpus.train, mode)
         heldout, _ = load_examples(corpus.heldout, "supervised")
+    elif cfg.data == "everyday":  # the shipped real-language set: train split, held-out split for eval
+        from .everyday import HELDOUT_PATH, TRAIN_PATH
+        train, mode = load_examples(TRAIN_PATH, cfg.mode)
+        heldout, _ = load_examples(cfg.eval_data or HELDOUT_PATH, "supervised")
     else:
         train, mode = load_examples(cfg.data, cfg.mode, skip_bad_rows=cfg.skip_bad_rows, rejects_path=rejects)
         if cfg.eval_data:
@@ -323,7 +327,7 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
                 "batches": batches.state_dict(), "rng": rng_state(), "generator": generator.get_state(),
                 "step": step, "config": cfg.to_dict(), "eval_before": before}
 
-    reward_means, step = [], start_step
+    reward_means, step, loop_started = [], start_step, time.perf_counter()
     try:
         bar = tqdm(range(start_step, total_steps), desc="GRACE", initial=start_step, total=total_steps)
         for step in bar:
@@ -345,6 +349,7 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
                 break
         bar.close()
         done = step + 1
+        train_seconds = time.perf_counter() - loop_started
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -360,7 +365,8 @@ def main(cfg: GraceConfig, resume: str = "") -> dict:
     log.close()
     final = save_checkpoint(os.path.join(out_dir, "checkpoint-final"), model, tokenizer, trainer_state(done))
     summary = {"steps": done, "mode": mode, "reward_first10": _mean(reward_means[:10]),
-               "reward_last10": _mean(reward_means[-10:]), "eval_before": before, "eval_after": after,
+               "reward_last10": _mean(reward_means[-10:]), "train_seconds": round(train_seconds, 1),
+               "threads": torch.get_num_threads(), "eval_before": before, "eval_after": after,
                "checkpoint": final}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     _print_summary(summary, examples_after)
