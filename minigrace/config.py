@@ -123,8 +123,9 @@ class GraceConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(batch_size=16, mini_batch_size=16, max_new_tokens=16, max_prompt_len=128, lr=3e-4,
                  max_steps=80, save_every=0, eval_size=200, weight_decay=0.0),
-    "smollm2-135m": dict(batch_size=8, mini_batch_size=8, max_new_tokens=48, max_prompt_len=256, lr=1e-5,
-                         max_steps=60, save_every=0, eval_size=100),
+    # The CPU recipe of README's SmolLM2 table (bench/real_model.py): ~1.5-2.5 min per step on 2 busy cores.
+    "smollm2-135m": dict(batch_size=8, mini_batch_size=4, group_size=4, max_new_tokens=16, max_prompt_len=256,
+                         lr=2e-5, max_steps=12, save_every=0, eval_size=48, length_penalty_mode="none"),
 }
 
 
