@@ -70,15 +70,22 @@ def train(mode: str, out_dir: str, extra: list[str]) -> str:
 
 
 def run_record(checkpoint: str) -> dict:
-    """Steps, wall time and settings of the run a checkpoint came from (its summary.json / config.json)."""
+    """Steps, training time, reward and settings of the run a checkpoint came from (metrics.jsonl and
+    config.json of its run directory; also works for a run stopped early with Ctrl-C)."""
     run = os.path.dirname(os.path.abspath(checkpoint))
-    summary = json.load(open(os.path.join(run, "summary.json")))
+    steps = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "reward_mean" in r]
     cfg = json.load(open(os.path.join(run, "config.json")))
-    return {"checkpoint": checkpoint, "steps": summary["steps"], "train_seconds": summary.get("train_seconds"),
-            "threads": summary.get("threads"), "reward_first10": summary["reward_first10"],
-            "reward_last10": summary["reward_last10"],
-            "settings": {k: cfg[k] for k in ("mode", "batch_size", "mini_batch_size", "group_size", "max_new_tokens",
-                                             "lr", "reward", "tau", "length_penalty_mode", "max_steps")}}
+    rewards = [r["reward_mean"] for r in steps]
+    # config.json is written when the run starts, the checkpoint when it ends: the run's whole wall time
+    wall = os.path.getmtime(checkpoint) - os.path.getmtime(os.path.join(run, "config.json"))
+    return {"checkpoint": checkpoint, "steps": len(steps), "run_wall_seconds": round(wall, 1),
+            "train_seconds": round(sum(r["step_time_s"] for r in steps), 1),
+            "median_step_seconds": round(float(np.median([r["step_time_s"] for r in steps])), 1),
+            "reward_first3": round(float(np.mean(rewards[:3])), 3), "reward_last3": round(float(np.mean(rewards[-3:])), 3),
+            "reward_per_step": [round(x, 3) for x in rewards],
+            "settings": {k: cfg[k] for k in ("resolved_mode", "batch_size", "mini_batch_size", "group_size",
+                                             "max_new_tokens", "lr", "reward", "tau", "length_penalty_mode",
+                                             "max_steps", "seed")}}
 
 
 class CachedEncoder:
@@ -190,8 +197,9 @@ def main(argv=None) -> int:
     print()
     print(format_table(summary))
     for mode, rec in trained.items():
-        print(f"GRACE {mode}: {rec['steps']} steps, {rec['train_seconds']} s of training on {rec['threads']} threads, "
-              f"reward {rec['reward_first10']:.3f} → {rec['reward_last10']:.3f}")
+        print(f"GRACE {mode}: {rec['steps']} steps, {rec['train_seconds']} s of training steps "
+              f"(median {rec['median_step_seconds']} s/step), reward {rec['reward_first3']:.3f} → "
+              f"{rec['reward_last3']:.3f} (first 3 steps → last 3)")
     print(f"wrote {args.out}")
     return 0
 

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` sits beside `minigrace`
 
-from bench import loss_memory, train_step  # noqa: E402
+from bench import loss_memory, real_model, train_step  # noqa: E402
 from bench.common import PeakRSS, summarize  # noqa: E402
 
 
@@ -67,3 +67,25 @@ def test_common_helpers():
     with PeakRSS() as mem:
         buf = torch.ones(8 * 2**20 // 4)  # 8 MiB, touched
     assert mem.peak >= mem.before and buf.sum() > 0
+
+
+def test_real_model_trains_with_the_smollm2_preset(tmp_path):
+    """bench/real_model.py spells its settings out; they are the model preset (the README recipe)."""
+    import json
+
+    from minigrace.config import PRESETS, parse_args
+
+    cfg, _ = parse_args(real_model.TRAIN_FLAGS)
+    for name, value in PRESETS["smollm2-135m"].items():
+        if name != "eval_size":  # the table's runs skip the trainer's own eval: the bench evaluates
+            assert getattr(cfg, name) == value, name
+    args = real_model.parse_args(["--supervised", "a/checkpoint-final", "--unsupervised", "b/checkpoint-final"])
+    assert args.supervised == "a/checkpoint-final" and args.out.endswith("real_model_cpu.json")
+    # run_record reads a run directory, also one stopped early (no summary.json)
+    (tmp_path / "checkpoint-final").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_mode": "supervised"}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0}, {"step": 1, "reward_mean": -2.0, "step_time_s": 10.0},
+        {"step": 2, "reward_mean": -1.0, "step_time_s": 30.0}]) + "\n")
+    record = real_model.run_record(str(tmp_path / "checkpoint-final"))
+    assert record["steps"] == 2 and record["train_seconds"] == 40.0 and record["reward_per_step"] == [-2.0, -1.0]
