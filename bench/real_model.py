@@ -177,6 +177,25 @@ def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, di
 UNTRAINED = ("SmolLM2 base", "SmolLM2 +rationale", "MiniLM-L6")
 
 
+def markdown_table(summary: dict) -> str:
+    """The table for README: tasks and average (×100), then training steps and wall time per column."""
+    cols = summary["columns"]
+    cell = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["| held-out task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for task, row in summary["tasks"].items():
+        lines.append(f"| {task} | " + " | ".join(cell(row[c]) for c in cols) + " |")
+    lines.append("| **average** | " + " | ".join(f"**{cell(summary['average'][c])}**" for c in cols) + " |")
+    training = {"GRACE supervised": summary["training"].get("supervised"),
+                "GRACE unsupervised": summary["training"].get("unsupervised")}
+    steps = [str(training[c]["steps"]) if training.get(c) else "0" for c in cols]
+    wall = [f"{training[c]['run_wall_seconds'] / 60:.0f} min" if training.get(c) else "–" for c in cols]
+    lines.append("| GRACE steps | " + " | ".join(steps) + " |")
+    lines.append("| training wall time | " + " | ".join(wall) + " |")
+    lines.append("| eval wall time | " + " | ".join(f"{summary['eval_seconds'][c]:.0f} s" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -220,6 +239,8 @@ def main(argv=None) -> int:
         print(f"GRACE {mode}: {rec['steps']} steps, {rec['train_seconds']} s of training steps "
               f"(median {rec['median_step_seconds']} s/step), reward {rec['reward_first3']:.3f} → "
               f"{rec['reward_last3']:.3f} (first 3 steps → last 3)")
+    print()
+    print(markdown_table(summary))
     print(f"wrote {args.out}")
     return 0
 
