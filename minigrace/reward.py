@@ -72,7 +72,12 @@ def apply_length_penalty(total: torch.Tensor, truncated: torch.Tensor, group_siz
     *rewards* never stopping (we saw the tiny model learn exactly that in 7 steps).
     relative (default): the reward becomes the group's worst complete reward + `penalty`, so a
     truncated rationale always ranks below every complete one of its group.
+    none: no penalty. With a budget of a few dozen tokens a real instruct model is cut almost every
+    time (SmolLM2 at 24 tokens: 94%), whole groups tie at the penalty and nothing is learned; its
+    first tokens are still a rationale, and the embedding reward alone ranks them.
     """
+    if mode == "none":
+        return total
     if mode == "constant":
         return torch.where(truncated, torch.full_like(total, penalty), total)
     groups, cut = total.view(-1, group_size), truncated.view(-1, group_size)  # [P, G]

@@ -57,6 +57,10 @@ def load_data(cfg: GraceConfig, out_dir: str, write_rejects: bool = True
         mode = "supervised" if cfg.mode == "auto" else cfg.mode
         train, _ = load_examples(corpus.train, mode)
         heldout, _ = load_examples(corpus.heldout, "supervised")
+    elif cfg.data == "everyday":  # the shipped real-language set: train split, held-out split for eval
+        from .everyday import HELDOUT_PATH, TRAIN_PATH
+        train, mode = load_examples(TRAIN_PATH, cfg.mode)
+        heldout, _ = load_examples(cfg.eval_data or HELDOUT_PATH, "supervised")
     else:
         train, mode = load_examples(cfg.data, cfg.mode, skip_bad_rows=cfg.skip_bad_rows, rejects_path=rejects)
         if cfg.eval_data:
@@ -511,7 +515,7 @@ def _train(cfg: GraceConfig, resume: str, reward_fn, ranks: parallel.Ranks) -> d
             prune_checkpoints(out_dir, cfg.keep_last)  # verifies the new checkpoint before deleting older ones
         return path
 
-    reward_means, step, bad_in_a_row = [], start_step, 0
+    reward_means, step, bad_in_a_row, loop_started = [], start_step, 0, time.perf_counter()
     try:
         bar = tqdm(range(start_step, total_steps), desc="GRACE", initial=start_step, total=total_steps,
                    disable=not main_rank)
@@ -554,6 +558,7 @@ def _train(cfg: GraceConfig, resume: str, reward_fn, ranks: parallel.Ranks) -> d
                 break
         bar.close()
         done = step + 1
+        train_seconds = time.perf_counter() - loop_started
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -568,7 +573,8 @@ def _train(cfg: GraceConfig, resume: str, reward_fn, ranks: parallel.Ranks) -> d
     after, examples_after = evaluate(policy, heldout, cfg, corpus, tasks)
     final = checkpoint("checkpoint-final", done, final=True)
     summary = {"steps": done, "mode": mode, "skipped_steps": skipped_steps, "reward_first10": _mean(reward_means[:10]),
-               "reward_last10": _mean(reward_means[-10:]), "eval_before": before, "eval_after": after,
+               "reward_last10": _mean(reward_means[-10:]), "train_seconds": round(train_seconds, 1),
+               "threads": torch.get_num_threads(), "eval_before": before, "eval_after": after,
                "checkpoint": final}
     if main_rank:
         log.metric({"step": done, **after})

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` sits beside `minigrace`
 
-from bench import loss_memory, train_step  # noqa: E402
+from bench import loss_memory, real_model, train_step  # noqa: E402
 from bench.common import PeakRSS, summarize  # noqa: E402
 
 
@@ -76,3 +76,25 @@ def test_train_step_drives_minigrace_for_real(tiny, tmp_path, one_thread):
     result = train_step.run_minigrace(args, str(tmp_path))
     assert len(result["step_s"]) == 2 and all(math.isfinite(r) for r in result["rewards"])
     assert 0 <= result["eval"]["eval_ndcg@10"] <= 1
+
+
+def test_real_model_trains_with_the_smollm2_preset(tmp_path):
+    """bench/real_model.py spells its settings out; they are the model preset (the README recipe)."""
+    import json
+
+    from minigrace.config import PRESETS, parse_args
+
+    cfg, _ = parse_args(real_model.TRAIN_FLAGS)
+    for name, value in PRESETS["smollm2-135m"].items():
+        if name != "eval_size":  # the table's runs skip the trainer's own eval: the bench evaluates
+            assert getattr(cfg, name) == value, name
+    args = real_model.parse_args(["--supervised", "a/checkpoint-final", "--unsupervised", "b/checkpoint-final"])
+    assert args.supervised == "a/checkpoint-final" and args.out.endswith("real_model_cpu.json")
+    # run_record reads a run directory, also one stopped early (no summary.json)
+    (tmp_path / "checkpoint-final").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_mode": "supervised"}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0}, {"step": 1, "reward_mean": -2.0, "step_time_s": 10.0},
+        {"step": 2, "reward_mean": -1.0, "step_time_s": 30.0}]) + "\n")
+    record = real_model.run_record(str(tmp_path / "checkpoint-final"))
+    assert record["steps"] == 2 and record["train_seconds"] == 40.0 and record["reward_per_step"] == [-2.0, -1.0]

