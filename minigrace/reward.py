@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GraceConfig
-from .kernels import REWARD_COMPONENTS, RewardWeights, grace_reward
+from .kernels import RewardWeights, grace_reward
 
 
 @dataclass

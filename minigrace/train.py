@@ -162,7 +162,7 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
                generator: torch.Generator, reward_fn=compute_rewards) -> tuple[dict, dict | None]:
     """Rollout → embed → reward → advantage → update. Returns (metrics, data for samples.jsonl).
 
-    A step whose rewards or advantages are not finite makes no update: metrics["skipped"] says why
+    A step whose rewards are not finite makes no update: metrics["skipped"] says why
     (and the sample is None). An update whose loss or gradients are not finite is dropped the same way.
 
     `examples` is the global batch; under torchrun this rank rolls out and trains on its share
@@ -242,10 +242,10 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
             if torch.isfinite(grad_norm):  # (a non-finite loss gives a non-finite norm too)
                 optimizer.step()
+                stats["grad_norm"] += float(grad_norm)
             else:  # a non-finite gradient would poison the weights: drop this update, count it
                 stats["skipped_updates"] += 1
             optimizer.zero_grad(set_to_none=True)
-            stats["grad_norm"] += float(grad_norm) if torch.isfinite(grad_norm) else 0.0
             n_updates += 1
     scheduler.step()
 
@@ -537,20 +537,21 @@ def _train(cfg: GraceConfig, resume: str, reward_fn, ranks: parallel.Ranks) -> d
                     f"{bad_in_a_row} consecutive steps had non-finite values (last: {metrics['skipped']}); their "
                     f"updates were skipped, so {path} holds the last good weights. Likely causes: a learning rate "
                     f"too high (--lr {cfg.lr}), fp16 overflow (--dtype), or a reward function that returns NaN")
-            if sample is None:
+            if sample is None:  # a skipped step: its row says why; checkpoints and Ctrl-C still apply below
                 if main_rank:
                     log.metric(row)
-                continue
-            reward_means.append(metrics["reward_mean"])
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-                row.update(evaluate(policy, heldout, cfg, corpus, tasks)[0])
-            if main_rank:
-                if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-                    log.metric(row)
-                if (step + 1) % (10 * cfg.log_every) == 0 or step == start_step:
-                    log.sample(step + 1, sample, cfg.group_size)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", pos=f"{metrics['reward_positive']:.3f}",
-                                cross=f"{metrics['emb_cross_cos_mean']:.3f}", len=f"{metrics['response_len_mean']:.1f}")
+            else:
+                reward_means.append(metrics["reward_mean"])
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+                    row.update(evaluate(policy, heldout, cfg, corpus, tasks)[0])
+                if main_rank:
+                    if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+                        log.metric(row)
+                    if (step + 1) % (10 * cfg.log_every) == 0 or step == start_step:
+                        log.sample(step + 1, sample, cfg.group_size)
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", pos=f"{metrics['reward_positive']:.3f}",
+                                    cross=f"{metrics['emb_cross_cos_mean']:.3f}",
+                                    len=f"{metrics['response_len_mean']:.1f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 save(step + 1)
             if parallel.max_over_ranks(int(stop["requested"]), ranks):  # all ranks stop at the same step

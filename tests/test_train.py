@@ -172,8 +172,9 @@ def nan_for_group(calls_to_poison):
 
 def test_nan_reward_skips_the_step_and_training_goes_on(tiny, tmp_path, one_thread):
     out = tmp_path / "run"
-    cfg, _ = parse_args(SHORT + ["--out", str(out)])
+    cfg, _ = parse_args(SHORT + ["--out", str(out), "--save-every", "2"])
     summary = main(cfg, reward_fn=nan_for_group({2}))
+    assert (out / "checkpoint-000002").is_dir()  # a skipped step still saves on schedule
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = {r["step"]: r for r in rows if "skipped_steps" in r}
     assert "not finite" in steps[2]["skipped"] and "reward_mean" not in steps[2]
