@@ -11,9 +11,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top level (kernel, reference, test, benchmark side by side) but installs as
     # minigrace.kernels, so it never shadows other packages called "kernels".
-    packages=["minigrace", "minigrace.kernels"],
+    packages=["minigrace", "minigrace.worlds", "minigrace.kernels"],
     package_dir={"minigrace": "minigrace", "minigrace.kernels": "kernels"},
-    package_data={"minigrace": ["corpora/*.jsonl"]},  # the everyday English train / held-out set
+    package_data={"minigrace.worlds": ["corpora/*.jsonl"]},  # the everyday English train / held-out set
     install_requires=[
         "torch>=2.4",  # a range: an installed torch (CPU 2.13.0 or your CUDA build) is kept
         "triton>=3.0; platform_system == 'Linux'",

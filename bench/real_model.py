@@ -130,7 +130,7 @@ def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, di
     """{label: (model, rationale)} → ({label: {task: score}}, {label: eval seconds}, {label: example rationales})."""
     from minigrace.encode import Encoder
     from minigrace.eval import MtebEncoder, run_tasks
-    from minigrace.everyday import everyday_rows
+    from minigrace.worlds.everyday import everyday_rows
 
     example_texts = [everyday_rows("heldout")[i]["positive"] for i in EXAMPLE_ROWS]
     scores, seconds, examples = {}, {}, {}

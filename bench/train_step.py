@@ -4,7 +4,7 @@
     python bench/train_step.py --quick       # 8 steps each, 48 held-out queries: a smoke run
     python bench/train_step.py --steps 40 --grace-flags "--lr 1e-4" --out bench/results/train_step-lr1e-4.json
 
-Both trainers train the built-in tiny model (`minigrace.builtin.load_tiny`) on the built-in train data, in
+Both trainers train the built-in tiny model (`minigrace.worlds.builtin.load_tiny`) on the built-in train data, in
 the same prompt order, with the tiny recipe of minigrace/config.py (when written: 16 prompts per step,
 G=8, 16 new tokens, temperature 1.0, lr 2e-3 constant AdamW, weight decay 0, grad clip 1.0, beta=0,
 eps=0.2, one update per batch, token-mean loss, advantages = reward - group mean; --grace-flags
@@ -75,7 +75,8 @@ def setup(args, out_dir: str):
 
 
 def evaluate(model, tokenizer, heldout, cfg, corpus) -> dict:
-    from minigrace.train import Policy, evaluate as grace_evaluate
+    from minigrace.step import Policy
+    from minigrace.train import evaluate as grace_evaluate
 
     t0 = time.perf_counter()
     metrics, _ = grace_evaluate(Policy.single_process(model, tokenizer), heldout, cfg, corpus)
@@ -84,7 +85,8 @@ def evaluate(model, tokenizer, heldout, cfg, corpus) -> dict:
 
 # ----------------------------------------------------------------------------- minigrace
 def run_minigrace(args, out_dir: str) -> dict:
-    from minigrace.train import Policy, grace_step
+    from minigrace.metrics import step_metrics
+    from minigrace.step import Policy, grace_step
 
     cfg, heldout, mode, corpus, step_batches, model, tokenizer = setup(args, out_dir)
     policy = Policy.single_process(model, tokenizer)  # CPU: fp32, no autocast (as main() on CPU)
@@ -98,7 +100,8 @@ def run_minigrace(args, out_dir: str) -> dict:
     with PeakRSS() as mem:
         for examples in step_batches:
             t0, c0 = time.perf_counter(), time.process_time()
-            metrics, _ = grace_step(policy, optimizer, scheduler, examples, cfg, mode, generator)
+            metrics = step_metrics(grace_step(policy, optimizer, scheduler, examples, cfg, mode, generator),
+                                   scheduler.get_last_lr()[0])
             step_s.append(time.perf_counter() - t0)
             cpu_s.append(time.process_time() - c0)
             rewards.append(metrics["reward_mean"])
@@ -118,12 +121,14 @@ def grace_reward_for_trl(model, tokenizer, cfg, log: dict):
     columns), not token ids or hidden states, so it re-templates, re-tokenizes and runs the model itself.
     """
     from minigrace.kernels import grace_reward, masked_mean_pool
-    from minigrace.models import eos_token_ids
     from minigrace.prompts import chat_prompt, render_chat
     from minigrace.reward import reward_weights
+    from minigrace.rollout import eos_token_ids
 
     eos = eos_token_ids(model, tokenizer)
     G = cfg.group_size
+    weights = reward_weights(cfg.reward, cfg.w_positive, cfg.w_negative, cfg.w_consistency, cfg.w_cross_group,
+                             cfg.w_discriminative)
 
     def as_text(completion) -> str:  # conversational completions are [{"role": "assistant", "content": ...}]
         return completion[0]["content"] if isinstance(completion, list) else completion
@@ -170,7 +175,7 @@ def grace_reward_for_trl(model, tokenizer, cfg, log: dict):
         aux_inputs = [query[g * G] for g in range(P)] + [negative[g * G] for g in range(P)]
         aux_text, aux_ended, aux_tokens = sample_rationales(aux_inputs)
         emb = embed(texts + aux_inputs, main_text + aux_text, main_ended + aux_ended)
-        total, _ = grace_reward(emb[:n], emb[n:n + P], emb[n + P:], G, cfg.tau, reward_weights(cfg), mode="supervised")
+        total, _ = grace_reward(emb[:n], emb[n:n + P], emb[n + P:], G, cfg.tau, weights, mode="supervised")
         truncated = torch.tensor([not e for e in main_ended])
         total = torch.where(truncated, torch.full_like(total, cfg.length_penalty), total)
         log["rewards"].append(float(total.mean()))
@@ -352,7 +357,7 @@ def main(argv=None):
           f"{args.warmup_steps} warm-up step(s) | {args.threads or 'default'} thread(s) | each trainer in its own "
           f"child process" + (f" | minigrace flags: {args.grace_flags}" if args.grace_flags else "")
           + (f" | TRL micro-batch {args.trl_micro_batch}" if args.trl_micro_batch else ""))
-    from minigrace.builtin import load_tiny
+    from minigrace.worlds.builtin import load_tiny
     tiny_model = load_tiny()[0].name_or_path  # build it here if its cache is missing, never inside a timed child
     raw, errors = {}, {}
     runs = list(args.trainer_list) + ([] if args.no_base_eval else ["base"])

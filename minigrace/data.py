@@ -101,30 +101,23 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield lineno, line.rstrip(b"\r\n")
 
 
-def _read_jsonl(path: Path) -> Iterator[_Row]:
+def _read_lines(path: Path, as_json: bool) -> Iterator[_Row]:
+    """One row per line: a JSON value (.jsonl) or {"text": line} (.txt); blank lines are marked as such."""
     for lineno, line in _lines(path):
         text, problem = _decode(line)
         if text is not None and not text.strip():
             yield _Row(lineno, blank=True)
             continue
         value = None
-        if problem is None:
+        if problem is None and not as_json:
+            value = {"text": text}
+        elif problem is None:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
                 problem = f"malformed JSON ({e.msg} at column {e.colno})"
         raw = text if text is not None else line.decode("utf-8", errors="backslashreplace")
         yield _Row(lineno, value, raw, problem)
-
-
-def _read_text_lines(path: Path) -> Iterator[_Row]:
-    for lineno, line in _lines(path):
-        text, problem = _decode(line)
-        if text is not None and not text.strip():
-            yield _Row(lineno, blank=True)
-            continue
-        raw = text if text is not None else line.decode("utf-8", errors="backslashreplace")
-        yield _Row(lineno, None if problem else {"text": text}, raw, problem)
 
 
 def _holds_json_array(path: Path) -> bool:
@@ -206,11 +199,11 @@ def _open_source(source) -> _Source:
     if ext == ".json" and _holds_json_array(path):
         return _Source(name, "row", _read_json_array(path))
     if ext in (".jsonl", ".json"):
-        return _Source(name, "line", _read_jsonl(path))
+        return _Source(name, "line", _read_lines(path, as_json=True))
     if ext == ".parquet":
         return _Source(name, "row", _read_parquet(path))
     if ext in (".txt", ".text"):
-        return _Source(name, "line", _read_text_lines(path), plain_text=True)
+        return _Source(name, "line", _read_lines(path, as_json=False), plain_text=True)
     raise DataError(f"{name}: unknown file type {ext or '(no extension)'!r}; expected {ACCEPTED}")
 
 

@@ -28,12 +28,8 @@ import warnings
 import numpy as np
 import torch
 
-from .embed import microbatches, trim
-from .kernels import masked_mean_pool
-from .loss import policy_forward
-from .models import eos_token_ids
+from .embed import embed_prompts
 from .prompts import SYSTEM_PROMPT, ChatPrompt, chat_prompt, render_chat
-from .rollout import Rollouts, generate, left_pad
 
 # GRACE's evaluation limits (eval_mteb.py: THINKING_MAX_LENGTH, INPUT_MAX_LENGTH).
 GRACE_MAX_NEW_TOKENS = 2048
@@ -52,65 +48,6 @@ def empty_prompt(tokenizer) -> ChatPrompt:
     enc = tokenizer(render_chat(tokenizer, ""), add_special_tokens=False, return_offsets_mapping=True)
     pool_start = next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > char_start)
     return ChatPrompt(enc["input_ids"], pool_start, truncated=False)
-
-
-def prompt_only_rollouts(prompts, pad_id: int, device) -> Rollouts:
-    """Rollouts with an empty rationale: pool the text and assistant header only (the 'Base' embedding)."""
-    ids, attention, pool_start = left_pad(prompts, pad_id, device)
-    columns = torch.arange(ids.shape[1], device=device)
-    pool_mask = (columns[None, :] >= pool_start[:, None]) & attention.bool()
-    none = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    return Rollouts(ids, attention, torch.zeros_like(pool_mask), pool_mask, none,
-                    torch.tensor([p.truncated for p in prompts], device=device), ids.shape[1])
-
-
-@torch.no_grad()
-def pool_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int = 16384,
-                  normalize: bool = True) -> torch.Tensor:
-    """Mean of the last-layer hidden states over each row's pool_mask → [N, H] fp32 (the training rule)."""
-    n = rollouts.ids.shape[0]
-    out = torch.empty(n, model.config.hidden_size, dtype=torch.float32, device=rollouts.ids.device)
-    for rows in microbatches(rollouts.attention.sum(-1), max_tokens_per_microbatch):
-        rows = rows.to(rollouts.ids.device)
-        part, _ = trim(rollouts.rows(rows))
-        hidden = policy_forward(model, part.ids, part.attention)  # [n, L', H]
-        out[rows] = masked_mean_pool(hidden, part.pool_mask, normalize=normalize).float()
-    return out
-
-
-@torch.no_grad()
-def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens: int, batch_size: int = 64,
-                  rationale: bool = True, temperature: float = 0.0, seed: int = 0, normalize: bool = True,
-                  max_tokens_per_microbatch: int = 16384, progress: bool = False
-                  ) -> tuple[torch.Tensor, list[list[int]]]:
-    """Embed templated prompts → (embeddings [n, H] fp32 on CPU; rationale token ids, EOS included).
-
-    Prompts are batched longest first (less padding) and the results put back in input order."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    eos_ids, pad_id = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
-    embeddings = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
-    responses: list[list[int]] = [[] for _ in prompts]
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc="encode", disable=not progress, leave=False):
-            index = order[start:start + batch_size]
-            batch = [prompts[i] for i in index]
-            if rationale:
-                temps = torch.full((len(batch),), float(temperature))
-                rollouts = generate(model, batch, temps, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                    pad_id=pad_id, generator=generator)
-                for i, ids in zip(index, rollouts.responses()):
-                    responses[i] = ids
-            else:
-                rollouts = prompt_only_rollouts(batch, pad_id, model.device)
-            embeddings[index] = pool_rollouts(model, rollouts, max_tokens_per_microbatch, normalize).cpu()
-    finally:
-        model.train(was_training)
-    return embeddings, responses
 
 
 def embed_texts(model, tokenizer, texts: list[str], *, max_new_tokens: int, max_prompt_len: int,

@@ -9,7 +9,7 @@ Three parts, top to bottom:
   1. held-out retrieval (recall@1 / MRR@10 / nDCG@10), which the trainer runs before and after training;
   2. MTEB: an adapter that gives an Encoder mteb 2.x's encoder protocol, and two sets of three offline tasks
      (retrieval, graded STS, clustering) that run with no network: `builtin`, from the built-in corpus's
-     held-out texts, and `everyday`, from the hand-written held-out English set (minigrace/everyday.py);
+     held-out texts, and `everyday`, from the hand-written held-out English set (minigrace/worlds/everyday.py);
   3. the command line: run tasks by name, write mteb's result JSON, print a table by task category.
 
 Every text (query or document) gets the same system prompt and a greedy rationale, as in training;
@@ -30,22 +30,11 @@ import numpy as np
 import torch
 
 from .encode import Encoder, cos_sim, embed_texts, pairwise_cos_sim, run_config
-from .everyday import EVERYDAY_TASKS
+from .metrics import retrieval_metrics
+from .worlds.everyday import EVERYDAY_TASKS
 
 # -----------------------------------------------------------------------------
 # 1. Held-out retrieval (used by the trainer)
-
-
-def retrieval_metrics(query_emb: torch.Tensor, doc_emb: torch.Tensor, relevant: torch.Tensor, k: int = 10) -> dict:
-    """query_emb [Q, H], doc_emb [D, H] (unit norm), relevant [Q] (index of each query's one relevant doc)."""
-    scores = query_emb @ doc_emb.T  # [Q, D]
-    # Rank of the relevant doc = number of docs scoring strictly higher (ties count in its favour).
-    rank = (scores > scores.gather(1, relevant[:, None])).sum(1)  # [Q], 0-based
-    hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros_like(rank, dtype=torch.float))
-    mrr = torch.where(hit, 1.0 / (rank.float() + 1.0), torch.zeros_like(rank, dtype=torch.float))
-    return {"recall@1": float((rank == 0).float().mean()), f"mrr@{k}": float(mrr.mean()),
-            f"ndcg@{k}": float(ndcg.mean())}
 
 
 def heldout_retrieval(model, tokenizer, examples, *, max_new_tokens: int, max_prompt_len: int,
@@ -131,68 +120,6 @@ BUILTIN_TASKS = ("MiniGraceRetrieval", "MiniGraceSTS", "MiniGraceClustering")
 
 
 
-def text_keywords(text: str, topic: str, corpus) -> set[str]:
-    """The keywords of `topic` that `text` mentions."""
-    return set(re.findall(r"[a-z]+", text)) & set(corpus.topic_keywords[topic])
-
-
-def graded_similarity(a: str, b: str, corpus) -> int:
-    """0-5 from the corpus structure: 0 other domain, 1 sibling topic (same domain), 3 same topic,
-    +1 per keyword of that topic the two texts share (at most 5)."""
-    ta, tb = corpus.text_topic[a], corpus.text_topic[b]
-    if ta == tb:
-        return min(5, 3 + len(text_keywords(a, ta, corpus) & text_keywords(b, tb, corpus)))
-    domain_of = {t: d for d, ts in corpus.domains.items() for t in ts}
-    return 1 if domain_of[ta] == domain_of[tb] else 0
-
-
-def builtin_retrieval_data(corpus, n_queries: int = 60) -> tuple[list[str], list[str], list[int]]:
-    """(queries, documents, index of each query's positive): held-out queries against their positives
-    and hard negatives (sibling topic)."""
-    rows = corpus.heldout[:n_queries]
-    docs = list(dict.fromkeys([r["positive"] for r in rows] + [r["negative"] for r in rows]))
-    index = {d: i for i, d in enumerate(docs)}
-    return [r["query"] for r in rows], docs, [index[r["positive"]] for r in rows]
-
-
-def builtin_sts_pairs(corpus, n_pairs: int = 100, seed: int = 0) -> list[tuple[str, str, int]]:
-    """(text1, text2, score) pairs, a quarter of each kind: query + its positive, two texts of one
-    topic, query + its sibling-topic negative, two texts of different domains. Scores by graded_similarity."""
-    rng = random.Random(seed)
-    rows = corpus.heldout
-    texts = corpus.texts("heldout")
-    by_topic: dict[str, list[str]] = {}
-    for t in texts:
-        by_topic.setdefault(corpus.text_topic[t], []).append(t)
-    domain_of = {t: d for d, ts in corpus.domains.items() for t in ts}
-    pairs, quarter = [], n_pairs // 4
-    for r in rng.sample(rows, quarter):
-        pairs.append((r["query"], r["positive"]))
-    for _ in range(quarter):
-        topic = rng.choice([t for t, ts in by_topic.items() if len(ts) > 1])
-        pairs.append(tuple(rng.sample(by_topic[topic], 2)))
-    for r in rng.sample(rows, quarter):
-        pairs.append((r["query"], r["negative"]))
-    while len(pairs) < n_pairs:
-        a, b = rng.sample(texts, 2)
-        if domain_of[corpus.text_topic[a]] != domain_of[corpus.text_topic[b]]:
-            pairs.append((a, b))
-    return [(a, b, graded_similarity(a, b, corpus)) for a, b in pairs]
-
-
-def builtin_clustering_data(corpus, per_topic: int = 6) -> tuple[list[str], list[str]]:
-    """(documents, topic labels): `per_topic` held-out documents of every topic."""
-    docs, labels, count = [], [], {}
-    for r in corpus.heldout:
-        for text in (r["positive"], r["negative"]):
-            topic = corpus.text_topic[text]
-            if count.get(topic, 0) < per_topic and text not in docs:
-                docs.append(text)
-                labels.append(topic)
-                count[topic] = count.get(topic, 0) + 1
-    return docs, labels
-
-
 def in_memory_tasks(names: tuple[str, str, str], dataset_path: str, retrieval, sts_pairs, clustering,
                     descriptions: tuple[str, str, str], sts_range: tuple[int, int]) -> list:
     """Retrieval, STS and clustering mteb tasks over data already in memory (no network, no HF cache).
@@ -254,7 +181,7 @@ def in_memory_tasks(names: tuple[str, str, str], dataset_path: str, retrieval, s
 
 def builtin_tasks(n_queries: int = 60, n_pairs: int = 100, per_topic: int = 6) -> list:
     """The three built-in mteb tasks, made from the built-in corpus's held-out texts."""
-    from .builtin import builtin_corpus
+    from .worlds.builtin import builtin_clustering_data, builtin_corpus, builtin_retrieval_data, builtin_sts_pairs
 
     corpus = builtin_corpus(seed=0)  # the trainer's corpus: held-out texts are never trained on
     return in_memory_tasks(
@@ -271,9 +198,9 @@ def builtin_tasks(n_queries: int = 60, n_pairs: int = 100, per_topic: int = 6) -
 
 
 def everyday_tasks() -> list:
-    """The three held-out tasks of the hand-written everyday English set (minigrace/everyday.py)."""
-    from .everyday import (EVERYDAY_TASKS, everyday_clustering_data, everyday_retrieval_data,
-                           everyday_sts_pairs)
+    """The three held-out tasks of the hand-written everyday English set (minigrace/worlds/everyday.py)."""
+    from .worlds.everyday import (EVERYDAY_TASKS, everyday_clustering_data, everyday_retrieval_data,
+                                  everyday_sts_pairs)
 
     return in_memory_tasks(
         EVERYDAY_TASKS, "minigrace/everyday",

@@ -12,12 +12,9 @@ checkpoint also holds `merged/`, a plain transformers model with the adapter mer
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
+from .models import load_merged
 
 
 def add_adapters(model, cfg, resume_from: str | None = None):
@@ -30,30 +27,6 @@ def add_adapters(model, cfg, resume_from: str | None = None):
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def base_of(adapter_dir: str) -> str:
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as fh:
-        return json.load(fh)["base_model_name_or_path"]
-
-
-def load_merged(adapter_dir: str, device: str = "auto", dtype: str = "auto", for_training: bool = True):
-    """(base model with the adapter merged in, the checkpoint's tokenizer): a plain HF model again."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from .models import load_model
-
-    base, _ = load_model(base_of(adapter_dir), device, dtype, for_training)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, local_files_only=True)
-    tokenizer.padding_side = "left"
-    model.train(for_training)
-    return model, tokenizer
 
 
 def save_merged(adapter_dir: str, out_dir: str) -> str:

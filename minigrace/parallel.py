@@ -25,6 +25,9 @@ import torch.distributed as dist
 
 @dataclass
 class Ranks:
+    """This process's place among the data-parallel ranks, and every collective the GRACE step needs.
+
+    On one process (no torchrun) every method is the identity: the step reads the same either way."""
     rank: int  # this process, 0 … world-1
     world: int  # number of processes
     device: torch.device
@@ -38,6 +41,84 @@ class Ranks:
     def distributed(self) -> bool:
         return self.launched
 
+    def shard(self, items: list) -> list:
+        """This rank's prompts of the global batch: rank, rank+N, rank+2N, …
+
+        Strided, not contiguous: a mini-batch of prompts [k·M, (k+1)·M) is then spread evenly over the
+        ranks, so each optimizer update sees the same prompts as on one process."""
+        return items[self.rank::self.world]
+
+    def gather(self, local: torch.Tensor, rows_per_prompt: int) -> torch.Tensor:
+        """Per-prompt rows of this rank [P/N·k, ...] → the same rows of the global batch [P·k, ...] in
+        global prompt order (k = rows_per_prompt, e.g. G rollouts). All-gather: no gradient flows back."""
+        if not self.distributed:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local.contiguous())
+        # Local prompt i of rank r is global prompt i·N + r: stack ranks inside each local prompt index.
+        per_prompt = [part.reshape(-1, rows_per_prompt, *local.shape[1:]) for part in parts]  # N × [P/N, k, ...]
+        return torch.stack(per_prompt, dim=1).reshape(-1, *local.shape[1:])  # [P/N, N, k, ...] → [P·k, ...]
+
+    def local(self, global_rows: torch.Tensor, rows_per_prompt: int) -> torch.Tensor:
+        """Inverse of gather: this rank's rows [P/N·k, ...] of a global per-prompt tensor [P·k, ...]."""
+        per_prompt = global_rows.reshape(-1, rows_per_prompt, *global_rows.shape[1:])  # [P, k, ...]
+        return per_prompt[self.rank::self.world].reshape(-1, *global_rows.shape[1:])
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of a few numbers over ranks (token counts, metric sums)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def broadcast(self, obj):
+        """Rank 0's value of a small picklable object (e.g. the run directory name) on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def token_normalizer(self, response_tokens: int) -> float:
+        """The divisor that makes the loss a token-mean over the whole mini-batch (every rank's share).
+
+        DDP / FSDP average gradients over the N ranks, so each rank divides by tokens/N: the average
+        is then exactly the one-process gradient."""
+        return max(self.sum([response_tokens])[0], 1) / self.world
+
+    def pad_passes(self, micros: list) -> tuple[list, int]:
+        """(micro-batches, how many are real). Every rank must run the same number of forward/backward
+        passes (each may communicate): a rank with fewer repeats its first micro-batch's first row, and
+        the caller multiplies those passes' loss by 0."""
+        n_real = len(micros)
+        return micros + [micros[0][:1]] * (self.max(n_real) - n_real), n_real
+
+    @contextlib.contextmanager
+    def gradient_sync(self, model: torch.nn.Module, sync: bool):
+        """Accumulate gradients over micro-batches; all-reduce / reduce-scatter only when `sync`."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+            with model.no_sync():
+                yield
+        elif is_fsdp(model):
+            model.set_requires_gradient_sync(sync)
+            yield
+        else:
+            yield
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for GPU tensors, plus gloo for CPU tensors on GPU machines: with FSDP2's CPU offload the
+    gradient-norm all-reduce of clip_grad_norm_ runs on CPU shards, which NCCL cannot reduce."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
 
 def setup(device: str) -> Ranks:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
@@ -45,72 +126,21 @@ def setup(device: str) -> Ranks:
     from .models import resolve_device
 
     dev = resolve_device(device)
+    if dev.type == "cuda":  # the current device is the one kernels and NCCL use by default
+        torch.cuda.set_device(dev)
     if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: one process, no wrapping
         return Ranks(0, 1, dev, launched=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(process_group_backend(dev), device_id=dev if dev.type == "cuda" else None)
     return Ranks(dist.get_rank(), dist.get_world_size(), dev, launched=True)
 
 
 def teardown(ranks: Ranks) -> None:
     if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def shard(items: list, ranks: Ranks) -> list:
-    """This rank's prompts of the global batch: rank, rank+N, rank+2N, …
-
-    Strided, not contiguous: a mini-batch of prompts [k·M, (k+1)·M) is then spread evenly over the
-    ranks, so each optimizer update sees the same prompts as on one process."""
-    return items[ranks.rank::ranks.world]
-
-
-def gather_prompts(local: torch.Tensor, rows_per_prompt: int, ranks: Ranks) -> torch.Tensor:
-    """Per-prompt rows of this rank [P/N·k, ...] → the same rows of the global batch [P·k, ...] in
-    global prompt order (k = rows_per_prompt, e.g. G rollouts). All-gather: no gradient flows back."""
-    if not ranks.distributed:
-        return local
-    parts = [torch.empty_like(local) for _ in range(ranks.world)]
-    dist.all_gather(parts, local.contiguous())
-    # Local prompt i of rank r is global prompt i·N + r: stack ranks inside each local prompt index.
-    per_prompt = [part.reshape(-1, rows_per_prompt, *local.shape[1:]) for part in parts]  # N × [P/N, k, ...]
-    return torch.stack(per_prompt, dim=1).reshape(-1, *local.shape[1:])  # [P/N, N, k, ...] → [P·k, ...]
-
-
-def local_rows(global_rows: torch.Tensor, rows_per_prompt: int, ranks: Ranks) -> torch.Tensor:
-    """Inverse of gather_prompts: this rank's rows [P/N·k, ...] of a global per-prompt tensor [P·k, ...]."""
-    per_prompt = global_rows.reshape(-1, rows_per_prompt, *global_rows.shape[1:])  # [P, k, ...]
-    return per_prompt[ranks.rank::ranks.world].reshape(-1, *global_rows.shape[1:])
-
-
-def sum_over_ranks(values: list[float], ranks: Ranks, device=None) -> list[float]:
-    """Element-wise sum of a few numbers over ranks (token counts, metric sums)."""
-    if not ranks.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device or ranks.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def max_over_ranks(value: int, ranks: Ranks) -> int:
-    if not ranks.distributed:
-        return value
-    t = torch.tensor([value], device=ranks.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def broadcast(obj, ranks: Ranks):
-    """Rank 0's value of a small picklable object (e.g. the run directory name) on every rank."""
-    if not ranks.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,19 +224,6 @@ def full_weights(model: torch.nn.Module):
         for m in layers:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
-
-
-@contextlib.contextmanager
-def gradient_sync(model: torch.nn.Module, sync: bool):
-    """Accumulate gradients over micro-batches and all-reduce / reduce-scatter only on the last one."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
-        with model.no_sync():
-            yield
-    elif is_fsdp(model):
-        model.set_requires_gradient_sync(sync)
-        yield
-    else:
-        yield
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GraceConfig
 from .kernels import RewardWeights, grace_reward
 
 
@@ -36,21 +35,25 @@ class Rewards:
     parts: dict[str, torch.Tensor]  # component name → [P*G] raw (unweighted) values
 
 
-def reward_weights(cfg: GraceConfig) -> RewardWeights:
-    if cfg.reward == "contrastive":
+def reward_weights(kind: str, positive: float, negative: float, consistency: float, cross_group: float,
+                   discriminative: float) -> RewardWeights:
+    """The component weights of a reward kind (--reward): contrastive keeps only the in-batch term,
+    grace only GRACE's four terms, custom all five."""
+    if kind == "contrastive":
         return RewardWeights(positive=0.0, negative=0.0, consistency=0.0, cross_group=0.0,
-                             discriminative=cfg.w_discriminative)
-    return RewardWeights(positive=cfg.w_positive, negative=cfg.w_negative, consistency=cfg.w_consistency,
-                         cross_group=cfg.w_cross_group,
-                         discriminative=cfg.w_discriminative if cfg.reward == "custom" else 0.0)
+                             discriminative=discriminative)
+    return RewardWeights(positive=positive, negative=negative, consistency=consistency, cross_group=cross_group,
+                         discriminative=discriminative if kind == "custom" else 0.0)
 
 
 def compute_rewards(doc_emb: torch.Tensor, query_emb: torch.Tensor, neg_emb: torch.Tensor | None,
-                    truncated: torch.Tensor, cfg: GraceConfig, mode: str) -> Rewards:
-    """doc_emb [P*G, H], query_emb [P, H], neg_emb [P, H] or None, truncated [P*G] → Rewards."""
-    total, parts = grace_reward(doc_emb, query_emb, neg_emb, cfg.group_size, cfg.tau, reward_weights(cfg), mode=mode)
-    return Rewards(apply_length_penalty(total, truncated, cfg.group_size, cfg.length_penalty,
-                                        cfg.length_penalty_mode), parts)
+                    truncated: torch.Tensor, group_size: int, weights: RewardWeights, tau: float, mode: str,
+                    length_penalty: float = -1.0, length_penalty_mode: str = "relative") -> Rewards:
+    """doc_emb [P*G, H], query_emb [P, H], neg_emb [P, H] or None, truncated [P*G] → Rewards.
+
+    mode: supervised (query/positive pairs) or unsupervised (the query is the text's own rationale)."""
+    total, parts = grace_reward(doc_emb, query_emb, neg_emb, group_size, tau, weights, mode=mode)
+    return Rewards(apply_length_penalty(total, truncated, group_size, length_penalty, length_penalty_mode), parts)
 
 
 def nonfinite_rewards(rewards: Rewards) -> str:
@@ -84,14 +87,3 @@ def apply_length_penalty(total: torch.Tensor, truncated: torch.Tensor, group_siz
     worst_complete = groups.masked_fill(cut, float("inf")).amin(-1, keepdim=True)  # [P, 1]
     floor = torch.where(torch.isinf(worst_complete), torch.full_like(worst_complete, penalty), worst_complete + penalty)
     return torch.where(cut, floor.expand_as(groups), groups).flatten()
-
-
-def cross_text_cosine(doc_emb: torch.Tensor, group_size: int) -> float:
-    """Mean cosine between rollouts of *different* texts: the collapse signal (→ 1 when all embeddings agree)."""
-    emb = torch.nn.functional.normalize(doc_emb.float(), dim=-1)
-    group_sums = emb.view(-1, group_size, emb.shape[-1]).sum(1)  # [P, H]
-    all_pairs = emb.sum(0).square().sum()  # Σ_{i,j} cos(d_i, d_j)
-    same_group = group_sums.square().sum(-1).sum()  # Σ over pairs within a group (incl. i = j)
-    n, n_groups = emb.shape[0], group_sums.shape[0]
-    cross_pairs = n * n - n_groups * group_size * group_size
-    return float((all_pairs - same_group) / max(cross_pairs, 1))

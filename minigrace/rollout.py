@@ -33,8 +33,8 @@ class Rollouts:
     def response_lengths(self) -> torch.Tensor:  # [N]
         return self.response_mask.sum(-1)
 
-    def position_ids(self) -> torch.Tensor:  # [N, L]: 0 at each row's first real token
-        return (self.attention.cumsum(-1) - 1).clamp(min=0)
+    def position_ids(self) -> torch.Tensor:  # [N, L]
+        return position_ids(self.attention)
 
     def rows(self, index) -> "Rollouts":
         """A sub-batch (e.g. a micro-batch or the main rollouts only)."""
@@ -47,18 +47,38 @@ class Rollouts:
         return [row[mask].tolist() for row, mask in zip(self.ids, self.response_mask)]
 
 
+def position_ids(attention: torch.Tensor) -> torch.Tensor:
+    """[N, L]: 0 at each row's first real token, counting real tokens only (the one rule for left and
+    right padding, prefill, decoding and every later forward)."""
+    return (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists padded to one width: ids [N, W] and attention [N, W] (1 on real tokens)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attention[row, span] = 1
+    return ids, attention
+
+
 def left_pad(prompts: list[ChatPrompt], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack prompts right-aligned. Returns ids [N, P], attention [N, P], pool_start [N] (column index)."""
-    width = max(len(p.ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    pool_start = torch.empty(len(prompts), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        offset = width - len(p.ids)
-        ids[row, offset:] = torch.tensor(p.ids)
-        attention[row, offset:] = 1
-        pool_start[row] = offset + p.pool_start
+    ids, attention = pad_rows([p.ids for p in prompts], pad_id, left=True)
+    pool_start = torch.tensor([ids.shape[1] - len(p.ids) + p.pool_start for p in prompts], dtype=torch.long)
     return ids.to(device), attention.to(device), pool_start.to(device)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a rationale: the tokenizer's EOS and the generation config's EOS list."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
@@ -101,7 +121,7 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
     n, width = ids.shape
     temperature = temperature.to(device)
     eos = torch.tensor(eos_ids, device=device)
-    position = (attention.cumsum(-1) - 1).clamp(min=0)
+    position = position_ids(attention)
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
     cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
@@ -146,6 +166,14 @@ def pack_rollouts(prompts: list[ChatPrompt], ids: torch.Tensor, prompt_attention
         truncated=truncated, prompt_truncated=torch.tensor([p.truncated for p in prompts], device=device),
         prompt_width=ids.shape[1],
     )
+
+
+def prompt_only_rollouts(prompts: list[ChatPrompt], pad_id: int, device) -> Rollouts:
+    """Rollouts with an empty rationale: pool the text and the assistant header only (the paper's 'Base')."""
+    ids, attention, pool_start = left_pad(prompts, pad_id, device)
+    empty = torch.zeros(len(prompts), 0, dtype=torch.long, device=device)
+    return pack_rollouts(prompts, ids, attention, pool_start, empty, empty.bool(),
+                         torch.zeros(len(prompts), dtype=torch.bool, device=device))
 
 
 def cat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:

@@ -2,16 +2,18 @@
 
 Each rank runs its own vLLM engine on its GPU (tensor parallel 1; under torchrun vLLM's
 "external_launcher" joins the ranks torchrun started) for its own prompts. Before every step the
-trainer's current weights are copied into the engine (`load_weights`, vLLM's in-place weight
-update, the call TRL's GRPOTrainer uses in colocate mode), so rationales always come from the
-policy being trained. Sampling is seeded per row from the row's noise, so a rollout does not depend
-on which rank draws it (though vLLM's tokens are not bit-identical to the HF path's).
+trainer's current weights are streamed into the engine one parameter at a time (`load_weights`,
+vLLM's in-place weight update, through the public `LLM.apply_model`), then the engine's prefix
+cache is reset: every prompt shares the system prompt, and KV computed with the old weights must
+not be reused. In-place loads keep the weights' addresses, so CUDA graphs stay valid (no
+enforce_eager). Sampling is seeded per row from the row's noise, so a rollout does not depend on
+which rank draws it (though vLLM's tokens are not bit-identical to the HF path's).
 
-UNTESTED HERE: vLLM does not install on the CPU machine minigrace is developed on. The internal
-attribute path to the model runner differs between vLLM versions (written against 0.8-0.10 with
-VLLM_ENABLE_V1_MULTIPROCESSING=0); if it moved, `sync_weights` is the one place to adapt. To check
-on a GPU: that a stop at EOS keeps the EOS token in `token_ids` (the HF path's responses include it),
-and that rollouts after `sync_weights` follow the trained weights (greedy vLLM vs greedy HF).
+UNTESTED HERE: vLLM does not install on the CPU machine minigrace is developed on (bench/gpu_check.sh
+runs it on a GPU). The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which
+`apply_model` with a local function needs. To check on a GPU: that a stop at EOS keeps the EOS token
+in `token_ids` (the HF path's responses include it), and that rollouts after `sync_weights` follow
+the trained weights (greedy vLLM vs greedy HF).
 """
 from __future__ import annotations
 
@@ -43,16 +45,25 @@ class VLLMRollout:
     def __init__(self, model_source: str, cfg, distributed: bool):
         from vllm import LLM
 
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the model in this process
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError("--rollout vllm syncs weights into an engine in this process: unset "
+                             "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the model in this process
         self.llm = LLM(model=model_source, dtype="bfloat16", gpu_memory_utilization=cfg.vllm_gpu_memory,
-                       max_model_len=cfg.max_prompt_len + cfg.max_new_tokens, enforce_eager=True, seed=cfg.seed,
+                       max_model_len=cfg.max_prompt_len + cfg.max_new_tokens, seed=cfg.seed,
                        distributed_executor_backend="external_launcher" if distributed else None)
 
     @torch.no_grad()
-    def sync_weights(self, named_weights) -> None:
-        """Copy the trainer's weights (HF names, full tensors) into the engine."""
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        runner.model.load_weights(named_weights)
+    def sync_weights(self, module: torch.nn.Module, lora: bool) -> None:
+        """Stream the trainer's current weights into the engine, then drop every cached prefix."""
+        if lora:
+            module.merge_adapter()  # the engine holds plain weights: W + (α/r)·B·A
+        try:
+            self.llm.apply_model(lambda model: model.load_weights(stream_weights(module)))
+        finally:
+            if lora:
+                module.unmerge_adapter()
+        self.llm.reset_prefix_cache()  # KV of the shared system prompt was computed with the old weights
 
     def generate(self, prompts: list[ChatPrompt], temperature: torch.Tensor, noise: torch.Tensor, *,
                  max_new_tokens: int, eos_ids: list[int], pad_id: int, top_p: float, device) -> Rollouts:
@@ -77,11 +88,14 @@ class VLLMRollout:
                              truncated.to(device))
 
 
-def hf_named_weights(module: torch.nn.Module, full_state_dict: dict):
-    """(name, tensor) pairs under the plain HF names vLLM expects. A peft model must have its adapters
-    merged into the base weights (module.merge_adapter()) before the state dict is taken."""
-    for name, tensor in full_state_dict.items():
+def stream_weights(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+    """(HF name, full tensor in `dtype`) per parameter, one at a time: never a whole state dict in memory.
+
+    Under FSDP each parameter is gathered (a collective: every rank iterates in the same order) just
+    before it is yielded and freed once the engine has copied it. A peft model must have its adapters
+    merged (module.merge_adapter()) first; the adapters themselves are skipped."""
+    for name, param in module.named_parameters():
         if "lora_" in name:
             continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        yield name, tensor
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # DTensor under FSDP
+        yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), full.detach().to(dtype)

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in tiny model and tokenizer (built once and cached under $MINIGRACE_CACHE)."""
-    from minigrace.builtin import load_tiny
+    from minigrace.worlds.builtin import load_tiny
 
     return load_tiny()
 

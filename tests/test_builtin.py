@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from minigrace import builtin
-from minigrace.builtin import (TinySettings, builtin_corpus, embed, generate_replies, load_tiny, rationale_for,
-                               rationale_topic, retrieval_scores)
+from minigrace.worlds import builtin, publish
+from minigrace.worlds.builtin import (TinySettings, builtin_corpus, embed_with_rationales, load_tiny, rationale_for,
+                                      rationale_topic, retrieval_scores, write_rationales)
 from minigrace.prompts import SYSTEM_PROMPT, chat_prompt, render_chat
 
 
@@ -103,7 +103,7 @@ def test_model_writes_a_rationale_ending_with_eos(tiny, corpus):
     assert not model.training and next(model.parameters()).dtype == torch.float32
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     texts = [r["query"] for r in corpus.heldout[:8]] + [r["positive"] for r in corpus.heldout[:8]]
-    for reply in generate_replies(model, tokenizer, texts, max_new_tokens=16):
+    for reply in write_rationales(model, tokenizer, texts, max_new_tokens=16):
         assert reply[-1] == tokenizer.eos_token_id
         decoded = tokenizer.decode(reply, skip_special_tokens=True)
         assert decoded.startswith("<think>") and decoded.endswith("</think>")
@@ -115,7 +115,7 @@ def test_greedy_rationale_names_the_side_topic(tiny, corpus):
     model, tokenizer = tiny
     texts = corpus.texts("heldout")[:150]
     named = [rationale_topic(tokenizer.decode(r, skip_special_tokens=True), corpus)
-             for r in generate_replies(model, tokenizer, texts)]
+             for r in write_rationales(model, tokenizer, texts)]
     side_rate = sum(n == corpus.side_topic[t] for n, t in zip(named, texts)) / len(texts)
     true_rate = sum(n == corpus.text_topic[t] for n, t in zip(named, texts)) / len(texts)
     # Measured on this build: 0.83 side / 0.17 true over all 600 held-out texts.
@@ -132,7 +132,7 @@ def test_true_topic_rationales_retrieve_better(tiny, corpus):
     for kind, topic_of in [("true", corpus.text_topic), ("side", corpus.side_topic)]:
         replies = [tokenizer(rationale_for(t, topic_of[t], corpus), add_special_tokens=False).input_ids
                    + [tokenizer.eos_token_id] for t in texts]
-        scores[kind] = retrieval_scores(rows, dict(zip(texts, embed(model, tokenizer, texts, replies))))["ndcg@10"]
+        scores[kind] = retrieval_scores(rows, dict(zip(texts, embed_with_rationales(model, tokenizer, texts, replies))))["ndcg@10"]
     assert scores["true"] >= scores["side"] + 0.08, scores
 
 
@@ -168,5 +168,5 @@ def test_publish_keeps_the_first_builders_folder(tmp_path):
     (winner / "w").write_text("winner")
     loser.mkdir()
     (loser / "w").write_text("loser")
-    builtin._publish(str(loser), str(winner))
+    publish(str(loser), str(winner))
     assert (winner / "w").read_text() == "winner" and not loser.exists()

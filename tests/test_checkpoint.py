@@ -20,7 +20,7 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint_loadable(tiny, tmp
     # writing and hashing); we SIGKILL it as soon as checkpoint 2's temporary directory appears.
     child = textwrap.dedent(f"""
         import torch
-        from minigrace.builtin import load_tiny
+        from minigrace.worlds.builtin import load_tiny
         from minigrace.checkpoint import save_checkpoint
         model, tok = load_tiny()
         save_checkpoint({str(tmp_path / "checkpoint-000001")!r}, model, tok, {{"step": 1}})

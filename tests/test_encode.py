@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from minigrace.builtin import builtin_corpus, load_tiny
 from minigrace.embed import forward_rollouts
 from minigrace.encode import Encoder, default_lengths, empty_prompt
-from minigrace.models import eos_token_ids
 from minigrace.prompts import chat_prompt
-from minigrace.rollout import generate
+from minigrace.rollout import eos_token_ids, generate
+from minigrace.worlds.builtin import builtin_corpus, load_tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

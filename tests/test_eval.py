@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from minigrace.builtin import builtin_corpus, load_tiny
 from minigrace.encode import Encoder
-from minigrace.eval import (BUILTIN_TASKS, MtebEncoder, builtin_clustering_data, builtin_retrieval_data,
-                            builtin_sts_pairs, builtin_tasks, graded_similarity, main, retrieval_metrics, run_tasks)
+from minigrace.eval import BUILTIN_TASKS, MtebEncoder, builtin_tasks, main, run_tasks
+from minigrace.metrics import retrieval_metrics
+from minigrace.worlds.builtin import (builtin_clustering_data, builtin_corpus, builtin_retrieval_data, builtin_sts_pairs,
+                                      graded_similarity, load_tiny)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

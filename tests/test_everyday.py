@@ -8,7 +8,7 @@ import re
 import pytest
 
 from minigrace.data import load_examples
-from minigrace.everyday import (DOMAINS, EVERYDAY_TASKS, HELDOUT_PATH, TRAIN_PATH, everyday_clustering_data,
+from minigrace.worlds.everyday import (DOMAINS, EVERYDAY_TASKS, HELDOUT_PATH, TRAIN_PATH, everyday_clustering_data,
                                 everyday_retrieval_data, everyday_rows, everyday_sts_pairs)
 
 
@@ -81,7 +81,7 @@ def test_everyday_tasks_run_offline_on_the_tiny_model(tiny):
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
-    from minigrace import smollm2
+    from minigrace.worlds import smollm2
     from minigrace.models import ModelNotAvailable, load_model
 
     real_find_spec = importlib.util.find_spec
@@ -100,7 +100,7 @@ def test_smollm2_converts_once_and_trains_one_grace_step(monkeypatch, tmp_path):
     import time
 
     from minigrace.config import GraceConfig
-    from minigrace.smollm2 import smollm2_dir
+    from minigrace.worlds.smollm2 import smollm2_dir
     from minigrace.train import main as train
 
     monkeypatch.setenv("MINIGRACE_CACHE", str(tmp_path / "cache"))

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from minigrace.builtin import tiny_path
+from minigrace.worlds.builtin import tiny_path
 from minigrace.config import parse_args
 from minigrace.lora import add_adapters, trainable_fraction
 from minigrace.models import load_model

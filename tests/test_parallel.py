@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigrace.builtin import tiny_path
+from minigrace.worlds.builtin import tiny_path
 from minigrace.config import parse_args
 from minigrace.train import main
 

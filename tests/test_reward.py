@@ -1,4 +1,4 @@
-"""reward.py / advantage.py stages: weights per reward preset, length penalty, collapse signal, errors."""
+"""reward.py / advantage.py stages (and the collapse metric): weights per reward preset, length penalty, collapse signal, errors."""
 import math
 
 import pytest
@@ -6,7 +6,16 @@ import torch
 
 from minigrace.advantage import compute_advantages
 from minigrace.config import GraceConfig
-from minigrace.reward import apply_length_penalty, compute_rewards, cross_text_cosine, nonfinite_rewards
+from minigrace.metrics import cross_text_cosine
+from minigrace.reward import apply_length_penalty, compute_rewards as compute_rewards_plain, nonfinite_rewards, reward_weights
+
+
+def compute_rewards(docs, queries, negs, truncated, cfg: GraceConfig, mode: str):
+    """reward.compute_rewards with the values a run's config gives it (as step.py passes them)."""
+    weights = reward_weights(cfg.reward, cfg.w_positive, cfg.w_negative, cfg.w_consistency, cfg.w_cross_group,
+                             cfg.w_discriminative)
+    return compute_rewards_plain(docs, queries, negs, truncated, cfg.group_size, weights, cfg.tau, mode,
+                                 cfg.length_penalty, cfg.length_penalty_mode)
 
 
 def unit(*v):

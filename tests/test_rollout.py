@@ -2,9 +2,8 @@
 import torch
 
 from minigrace.embed import forward_rollouts, microbatches
-from minigrace.models import eos_token_ids
 from minigrace.prompts import chat_prompt
-from minigrace.rollout import generate
+from minigrace.rollout import eos_token_ids, generate
 
 TEXTS = ["a short guide to observatory and quasar", "notes on bacteria: pair it with enzyme",
          "looking for jersey ideas with offside (see also rooftop)"]

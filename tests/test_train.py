@@ -164,7 +164,7 @@ def nan_for_group(calls_to_poison):
         calls["n"] += 1
         rewards = compute_rewards(*args)
         if calls["n"] in calls_to_poison:
-            G = args[4].group_size
+            G = args[4]  # compute_rewards(doc, query, neg, truncated, group_size, ...)
             rewards.total[G:2 * G] = float("nan")
         return rewards
     return reward_fn

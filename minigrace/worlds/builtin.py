@@ -33,15 +33,17 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
 import torch
 
-from minigrace.prompts import SYSTEM_PROMPT, chat_prompt
+from ..embed import forward_rollouts
+from ..metrics import retrieval_metrics
+from ..prompts import SYSTEM_PROMPT, chat_prompt
+from ..rollout import eos_token_ids, generate, left_pad, pack_rollouts, pad_rows
+from . import build_once, default_cache_dir
 
 # -----------------------------------------------------------------------------
 # Corpus: topics, keywords, templates
@@ -320,18 +322,6 @@ def build_model(tokenizer, settings: TinySettings):
     return model
 
 
-def _padded(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [B, T] and attention_mask [B, T] of token lists padded to one width."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_id)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        input_ids[row, span] = torch.tensor(seq)
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
-
-
 def sft(model, tokenizer, corpus: BuiltinCorpus, settings: TinySettings, progress: bool = True) -> list[float]:
     """Teach the chat format and the side/true rationale habit; loss on the assistant's tokens only.
 
@@ -365,7 +355,7 @@ def sft(model, tokenizer, corpus: BuiltinCorpus, settings: TinySettings, progres
             reply = tokenizer(rationale_for(texts[i], topic, corpus, rng), add_special_tokens=False).input_ids
             replies.append(reply + [tokenizer.eos_token_id])
             sequences.append(prompts[i] + replies[-1])
-        input_ids, attention_mask = _padded(sequences, tokenizer.pad_token_id, left=False)  # [B, T]
+        input_ids, attention_mask = pad_rows(sequences, tokenizer.pad_token_id, left=False)  # [B, T]
         labels = torch.full_like(input_ids, -100)  # [B, T], -100 outside the assistant's reply
         for row, (seq, reply) in enumerate(zip(sequences, replies)):
             labels[row, len(seq) - len(reply) : len(seq)] = torch.tensor(reply)
@@ -389,21 +379,7 @@ def sft(model, tokenizer, corpus: BuiltinCorpus, settings: TinySettings, progres
 
 
 # -----------------------------------------------------------------------------
-# Cache: build once into a temporary sibling folder, publish with one atomic rename
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("MINIGRACE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minigrace")
-
-
-def _publish(tmp_dir: str, final_dir: str) -> None:
-    """Rename a finished build into place; if another builder got there first, keep theirs."""
-    try:
-        os.rename(tmp_dir, final_dir)
-    except OSError:
-        if not os.path.isdir(final_dir):
-            raise
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+# Building and caching (worlds.build_once: a temporary sibling folder, published by one atomic rename)
 
 
 def idle_cores() -> int:
@@ -449,24 +425,87 @@ def tiny_path(cache_dir: str | None = None, settings: TinySettings | None = None
     return os.path.join(cache_dir or default_cache_dir(), f"tiny-v{CACHE_VERSION}-{settings.digest()}")
 
 
+def tiny_dir(cache_dir: str | None = None, settings: TinySettings | None = None) -> str:
+    """The folder of the built-in tiny model, built on first use (about a minute on 2 cores)."""
+    settings = settings or TinySettings()
+    return build_once(tiny_path(cache_dir, settings), lambda tmp_dir: build_tiny(tmp_dir, settings),
+                      f"building the built-in tiny model (once, ~{BUILD_SECONDS_ESTIMATE} s)")
+
+
 def load_tiny(cache_dir: str | None = None, settings: TinySettings | None = None):
     """The built-in tiny model (fp32, CPU, eval mode) and its tokenizer, built on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = settings or TinySettings()
-    path = tiny_path(cache_dir, settings)
-    if not os.path.isdir(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"building the built-in tiny model (once, ~{BUILD_SECONDS_ESTIMATE} s) → {path}", flush=True)
-        tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-        try:
-            build_tiny(tmp_dir, settings)
-            _publish(tmp_dir, path)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # a no-op once published
+    path = tiny_dir(cache_dir, settings)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Held-out task data for the built-in mteb tasks (eval.builtin_tasks), graded from the corpus structure
+
+
+def text_keywords(text: str, topic: str, corpus) -> set[str]:
+    """The keywords of `topic` that `text` mentions."""
+    return set(re.findall(r"[a-z]+", text)) & set(corpus.topic_keywords[topic])
+
+
+def graded_similarity(a: str, b: str, corpus) -> int:
+    """0-5 from the corpus structure: 0 other domain, 1 sibling topic (same domain), 3 same topic,
+    +1 per keyword of that topic the two texts share (at most 5)."""
+    ta, tb = corpus.text_topic[a], corpus.text_topic[b]
+    if ta == tb:
+        return min(5, 3 + len(text_keywords(a, ta, corpus) & text_keywords(b, tb, corpus)))
+    domain_of = {t: d for d, ts in corpus.domains.items() for t in ts}
+    return 1 if domain_of[ta] == domain_of[tb] else 0
+
+
+def builtin_retrieval_data(corpus, n_queries: int = 60) -> tuple[list[str], list[str], list[int]]:
+    """(queries, documents, index of each query's positive): held-out queries against their positives
+    and hard negatives (sibling topic)."""
+    rows = corpus.heldout[:n_queries]
+    docs = list(dict.fromkeys([r["positive"] for r in rows] + [r["negative"] for r in rows]))
+    index = {d: i for i, d in enumerate(docs)}
+    return [r["query"] for r in rows], docs, [index[r["positive"]] for r in rows]
+
+
+def builtin_sts_pairs(corpus, n_pairs: int = 100, seed: int = 0) -> list[tuple[str, str, int]]:
+    """(text1, text2, score) pairs, a quarter of each kind: query + its positive, two texts of one
+    topic, query + its sibling-topic negative, two texts of different domains. Scores by graded_similarity."""
+    rng = random.Random(seed)
+    rows = corpus.heldout
+    texts = corpus.texts("heldout")
+    by_topic: dict[str, list[str]] = {}
+    for t in texts:
+        by_topic.setdefault(corpus.text_topic[t], []).append(t)
+    domain_of = {t: d for d, ts in corpus.domains.items() for t in ts}
+    pairs, quarter = [], n_pairs // 4
+    for r in rng.sample(rows, quarter):
+        pairs.append((r["query"], r["positive"]))
+    for _ in range(quarter):
+        topic = rng.choice([t for t, ts in by_topic.items() if len(ts) > 1])
+        pairs.append(tuple(rng.sample(by_topic[topic], 2)))
+    for r in rng.sample(rows, quarter):
+        pairs.append((r["query"], r["negative"]))
+    while len(pairs) < n_pairs:
+        a, b = rng.sample(texts, 2)
+        if domain_of[corpus.text_topic[a]] != domain_of[corpus.text_topic[b]]:
+            pairs.append((a, b))
+    return [(a, b, graded_similarity(a, b, corpus)) for a, b in pairs]
+
+
+def builtin_clustering_data(corpus, per_topic: int = 6) -> tuple[list[str], list[str]]:
+    """(documents, topic labels): `per_topic` held-out documents of every topic."""
+    docs, labels, count = [], [], {}
+    for r in corpus.heldout:
+        for text in (r["positive"], r["negative"]):
+            topic = corpus.text_topic[text]
+            if count.get(topic, 0) < per_topic and text not in docs:
+                docs.append(text)
+                labels.append(topic)
+                count[topic] = count.get(topic, 0) + 1
+    return docs, labels
 
 
 # -----------------------------------------------------------------------------
@@ -474,50 +513,36 @@ def load_tiny(cache_dir: str | None = None, settings: TinySettings | None = None
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, texts: list[str], sample: bool = False, max_new_tokens: int = 16,
-                     batch_size: int = 64) -> list[list[int]]:
-    """Reply token ids per text, cut after the first EOS: greedy, or sampled at temperature 1."""
-    eos = tokenizer.eos_token_id
-    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
-    replies = []
-    for start in range(0, len(texts), batch_size):
-        prompts = [chat_prompt(tokenizer, t, max_prompt_len=512).ids for t in texts[start : start + batch_size]]
-        input_ids, attention_mask = _padded(prompts, tokenizer.pad_token_id, left=True)  # [B, T]
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             **sampling)  # [B, T + new]
-        for row in out[:, input_ids.shape[1] :].tolist():
-            replies.append(row[: row.index(eos) + 1] if eos in row else row)
-    return replies
+def write_rationales(model, tokenizer, texts: list[str], temperature: float = 0.0, max_new_tokens: int = 16,
+                     seed: int = 0, batch_size: int = 64) -> list[list[int]]:
+    """Rationale token ids per text (EOS included), greedy (temperature 0) or sampled: the trainer's generation."""
+    prompts = [chat_prompt(tokenizer, t, max_prompt_len=512) for t in texts]
+    generator = torch.Generator().manual_seed(seed)
+    rationales = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        rollouts = generate(model, batch, torch.full((len(batch),), temperature), max_new_tokens=max_new_tokens,
+                            eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, generator=generator)
+        rationales += rollouts.responses()
+    return rationales
 
 
-@torch.no_grad()
-def embed(model, tokenizer, texts: list[str], replies: list[list[int]], batch_size: int = 64) -> torch.Tensor:
-    """GRACE embeddings [N, H]: L2-normalized mean of the last hidden states over the user text,
-    the assistant header and the reply (everything after the system prompt)."""
-    embeddings = []
-    for start in range(0, len(texts), batch_size):
-        prompts = [chat_prompt(tokenizer, t, max_prompt_len=512) for t in texts[start : start + batch_size]]
-        sequences = [p.ids + r for p, r in zip(prompts, replies[start : start + batch_size])]
-        input_ids, attention_mask = _padded(sequences, tokenizer.pad_token_id, left=False)  # [B, T]
-        pool_mask = attention_mask.clone().float()  # [B, T]: from pool_start to the end of the reply
-        for row, p in enumerate(prompts):
-            pool_mask[row, : p.pool_start] = 0
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]  # [B, T, H]
-        pooled = (hidden * pool_mask[..., None]).sum(1) / pool_mask.sum(1, keepdim=True)  # [B, H]
-        embeddings.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(embeddings)
+def embed_with_rationales(model, tokenizer, texts: list[str], rationales: list[list[int]]) -> torch.Tensor:
+    """GRACE embeddings [N, H] of each text followed by the given rationale ids (the training rule)."""
+    prompts = [chat_prompt(tokenizer, t, max_prompt_len=512) for t in texts]
+    ids, attention, pool_start = left_pad(prompts, tokenizer.pad_token_id, model.device)  # [N, P]
+    response, alive = pad_rows(rationales, tokenizer.pad_token_id, left=False)  # [N, R]
+    rollouts = pack_rollouts(prompts, ids, attention, pool_start, response.to(model.device),
+                             alive.bool().to(model.device), torch.zeros(len(texts), dtype=torch.bool))
+    return forward_rollouts(model, rollouts, max_tokens_per_microbatch=16384, with_logprobs=False).embeddings
 
 
 def retrieval_scores(rows: list[dict], embedding_of: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Query -> positive retrieval among all positives and negatives of `rows`: nDCG@10, recall@1."""
+    """Query → positive retrieval among all positives and negatives of `rows` (recall@1, MRR@10, nDCG@10)."""
     documents = list(dict.fromkeys([r["positive"] for r in rows] + [r["negative"] for r in rows]))
     queries = torch.stack([embedding_of[r["query"]] for r in rows])  # [Q, H]
-    scores = queries @ torch.stack([embedding_of[d] for d in documents]).T  # [Q, D]
-    positive_scores = scores[torch.arange(len(rows)), [documents.index(r["positive"]) for r in rows]]  # [Q]
-    ranks = (scores > positive_scores[:, None]).sum(1) + 1  # [Q], 1 = retrieved first
-    ndcg = torch.where(ranks <= 10, 1 / torch.log2(ranks.float() + 1), torch.zeros(()))
-    return {"ndcg@10": ndcg.mean().item(), "recall@1": (ranks == 1).float().mean().item()}
+    relevant = torch.tensor([documents.index(r["positive"]) for r in rows])  # [Q]
+    return retrieval_metrics(queries, torch.stack([embedding_of[d] for d in documents]), relevant)
 
 
 def measure_flaw(model, tokenizer, corpus: BuiltinCorpus, n_sampled_texts: int = 200, group: int = 8) -> dict:
@@ -531,11 +556,10 @@ def measure_flaw(model, tokenizer, corpus: BuiltinCorpus, n_sampled_texts: int =
     def rate(named: list, texts: list[str], topic_of: dict[str, str]) -> list[bool]:
         return [n == topic_of[t] for n, t in zip(named, texts)]
 
-    greedy = generate_replies(model, tokenizer, texts)
+    greedy = write_rationales(model, tokenizer, texts)
     greedy_named = named_topics(greedy)
-    torch.manual_seed(0)
     sampled_texts = [t for t in texts[:n_sampled_texts] for _ in range(group)]  # groups of `group` samples
-    sampled_named = named_topics(generate_replies(model, tokenizer, sampled_texts, sample=True))
+    sampled_named = named_topics(write_rationales(model, tokenizer, sampled_texts, temperature=1.0))
     sampled_true = rate(sampled_named, sampled_texts, corpus.text_topic)
     sampled_side = rate(sampled_named, sampled_texts, corpus.side_topic)
     groups = range(0, len(sampled_texts), group)
@@ -554,7 +578,7 @@ def measure_flaw(model, tokenizer, corpus: BuiltinCorpus, n_sampled_texts: int =
                 + [tokenizer.eos_token_id] for t in texts]
 
     for kind, replies in [("true", forced(corpus.text_topic)), ("side", forced(corpus.side_topic)), ("greedy", greedy)]:
-        embedding_of = dict(zip(texts, embed(model, tokenizer, texts, replies)))
+        embedding_of = dict(zip(texts, embed_with_rationales(model, tokenizer, texts, replies)))
         for name, value in retrieval_scores(corpus.heldout, embedding_of).items():
             result[f"{name}_{kind}"] = value
     return result

@@ -1,0 +1,260 @@
+"""Step: one GRACE step, top to bottom.
+
+    rollout    G rationales per text (temperature 1.0), one per query / negative (0.5)   rollout.py
+    embed      one no-grad forward → embeddings [N, H] + old log-probs [N, L]           embed.py
+    reward     contrastive reward of each main rollout from embeddings alone            reward.py
+    advantage  reward − group mean                                                      advantage.py
+    update     clipped policy gradient on the main rollouts, AdamW                      loss.py
+
+Only the main rationales (the positive document's, or the text's in unsupervised mode) are
+trained; query and negative rationales come from the same policy but get no gradient.
+
+Shapes: P prompts in the global batch, G rollouts per prompt, N rollout rows on this rank, L tokens,
+H hidden size. Under torchrun each rank rolls out and trains on its share of the prompts; `ranks`
+(parallel.Ranks) gathers what the reward needs from every rank, and is the identity on one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import parallel
+from .advantage import compute_advantages
+from .config import GraceConfig
+from .data import Example
+from .embed import forward_rollouts, microbatches, policy_forward, trim
+from .loss import policy_loss, response_logprobs
+from .prompts import chat_prompt
+from .reward import Rewards, compute_rewards, nonfinite_rewards, reward_weights
+from .rollout import Rollouts, cat_rollouts, eos_token_ids, generate
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # what trains: the HF (or peft) model, wrapped in DDP / sharded by FSDP under torchrun
+    module: torch.nn.Module  # the HF (or peft) model itself: generation, no-grad forwards, saving
+    tokenizer: object
+    ref_model: torch.nn.Module | None  # frozen copy, only when kl_coef > 0 without LoRA
+    autocast_dtype: torch.dtype | None  # bf16 autocast on CUDA; None on CPU
+    ranks: parallel.Ranks
+    lora: bool = False  # adapters on a frozen base: the base (adapters off) is the KL reference
+    vllm: object | None = None  # VLLMRollout for --rollout vllm
+
+    @classmethod
+    def single_process(cls, model, tokenizer) -> "Policy":
+        """One process, no autocast, no KL reference: to drive grace_step / evaluate from a script."""
+        return cls(model, model, tokenizer, None, None, parallel.Ranks(0, 1, model.device, launched=False))
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ranks.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class UpdateStats:  # sums over every rank's micro-batches
+    loss: float
+    clip_frac_sum: float  # tokens where the clip was active
+    kl_sum: float
+    grad_norm: float  # summed over the updates that were applied
+    n_updates: int
+    skipped_updates: int  # non-finite loss or gradients: dropped, never applied
+    tokens: float = 0.0  # response tokens the updates saw (every rank, every PPO epoch)
+
+
+@dataclass
+class StepResult:
+    """Everything a step produced, for metrics.py, samples.jsonl and the harness. Global = every rank's rows."""
+    step_time_s: float
+    group_size: int
+    skipped: str = ""  # why no update was made ('' when one was)
+    rewards: Rewards | None = None  # global [P*G]
+    advantages: torch.Tensor | None = None  # global [P*G]
+    frac_zero_std: float = 0.0
+    doc_emb: torch.Tensor | None = None  # global [P*G, H]
+    response_lengths: torch.Tensor | None = None  # global [P*G]
+    truncated: torch.Tensor | None = None  # global [P*G] bool
+    prompt_truncated_frac: float = 0.0
+    response_tokens: float = 0.0  # every generated token of the step (all sides, all ranks)
+    rollout_time_s: float = 0.0
+    update: UpdateStats | None = None
+    examples: list[Example] | None = None  # this rank's prompts
+    rationales: list[str] | None = None  # this rank's main rationales [P/N*G]
+    local_rewards: list[float] | None = None  # their rewards
+
+
+def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cfg: GraceConfig, mode: str,
+               generator: torch.Generator, reward_fn=compute_rewards) -> StepResult:
+    """Rollout → embed → reward → advantage → update, on the global batch `examples` (P prompts).
+
+    A step whose rewards are not finite makes no update (StepResult.skipped says why): never a silent 0."""
+    t0 = time.perf_counter()
+    ranks, G = policy.ranks, cfg.group_size
+    use_negatives = mode == "supervised" and all(ex.negative for ex in examples)  # else in-batch negatives only
+    local = ranks.shard(examples)  # this rank's prompts (all of them on one process)
+    n_main, n_aux = len(local) * G, len(local)
+
+    # 1. Rollout: main prompts ×G, then one query and (maybe) one negative prompt per example.
+    prompts, temperatures = build_rollout_prompts(policy.tokenizer, local, cfg, mode, use_negatives)
+    noise = rollout_noise(generator, len(examples), cfg, use_negatives, ranks)  # [N, max_new_tokens]
+    if policy.vllm is not None:
+        policy.vllm.sync_weights(policy.module, policy.lora)
+    policy.module.eval()
+    with policy.autocast(), parallel.full_weights(policy.model):
+        rollouts = sample_rollouts(policy, prompts, temperatures, noise, cfg)  # ids [N, L]
+        # 2. Embed: one forward gives embeddings for the reward and the sampling policy's log-probs.
+        fwd = forward_rollouts(policy.module, rollouts, cfg.max_tokens_per_microbatch, cfg.logprob_chunk)
+        main = rollouts.rows(slice(0, n_main))  # the rollouts that train
+        ref_logprobs = reference_logprobs(policy, main, cfg)  # [n_main, L] or None
+    rollout_time = time.perf_counter() - t0
+
+    # 3. Reward each main rollout against the whole global batch.
+    doc_emb = ranks.gather(fwd.embeddings[:n_main], G)  # [P*G, H]
+    query_emb = ranks.gather(fwd.embeddings[n_main:n_main + n_aux], 1)  # [P, H]
+    neg_emb = ranks.gather(fwd.embeddings[n_main + n_aux:], 1) if use_negatives else None  # [P, H]
+    truncated = ranks.gather(main.truncated, G)  # [P*G]
+    weights = reward_weights(cfg.reward, cfg.w_positive, cfg.w_negative, cfg.w_consistency, cfg.w_cross_group,
+                             cfg.w_discriminative)
+    rewards = reward_fn(doc_emb, query_emb, neg_emb, truncated, G, weights, cfg.tau, mode,
+                        cfg.length_penalty, cfg.length_penalty_mode)
+    problem = nonfinite_rewards(rewards)  # the global rewards: every rank skips the same steps
+    if problem:
+        scheduler.step()  # the step still counts: the learning-rate schedule follows the step number
+        return StepResult(time.perf_counter() - t0, G, skipped=problem)
+
+    # 4. Advantage: each rollout against the other G−1 of its group.
+    advantages, frac_zero_std = compute_advantages(rewards.total, G, cfg.scale_std)  # [P*G]
+
+    # 5. Update: clipped policy gradient on this rank's main rollouts.
+    update = update_policy(policy, optimizer, main, fwd.old_logprobs[:n_main], ref_logprobs,
+                           ranks.local(advantages, G), cfg)
+    scheduler.step()
+
+    response_tokens, prompt_cut = ranks.sum([float(rollouts.response_mask.sum()),
+                                             float(rollouts.prompt_truncated.float().mean())])
+    skipped = (f"{update.skipped_updates} of {update.n_updates} updates had a non-finite loss or gradient"
+               if update.skipped_updates else "")
+    return StepResult(
+        step_time_s=time.perf_counter() - t0, group_size=G, skipped=skipped, rewards=rewards, advantages=advantages,
+        frac_zero_std=frac_zero_std, doc_emb=doc_emb, response_lengths=ranks.gather(main.response_lengths, G),
+        truncated=truncated, prompt_truncated_frac=prompt_cut / ranks.world, response_tokens=response_tokens,
+        rollout_time_s=rollout_time, update=update, examples=local,
+        rationales=policy.tokenizer.batch_decode(main.responses(), skip_special_tokens=True),
+        local_rewards=ranks.local(rewards.total, G).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Rollout
+
+
+def build_rollout_prompts(tokenizer, examples: list[Example], cfg: GraceConfig, mode: str, use_negatives: bool):
+    """Main prompts ×G, then one query prompt per example, then one negative prompt per example.
+
+    Unsupervised: the "query" is the text itself, sampled once at the lower temperature, so the
+    positive pair is (a temperature-0.5 rationale, each temperature-1.0 rationale) of the same text."""
+    main = [chat_prompt(tokenizer, ex.text, cfg.max_prompt_len) for ex in examples]
+    query_texts = [ex.query for ex in examples] if mode == "supervised" else [ex.text for ex in examples]
+    queries = [chat_prompt(tokenizer, q, cfg.max_prompt_len) for q in query_texts]
+    negatives = [chat_prompt(tokenizer, ex.negative, cfg.max_prompt_len) for ex in examples] if use_negatives else []
+    prompts = [p for p in main for _ in range(cfg.group_size)] + queries + negatives
+    temperatures = torch.tensor([cfg.temperature] * (len(main) * cfg.group_size)
+                                + [cfg.aux_temperature] * (len(queries) + len(negatives)))
+    return prompts, temperatures
+
+
+def rollout_noise(generator: torch.Generator, n_prompts: int, cfg: GraceConfig, use_negatives: bool,
+                  ranks: parallel.Ranks) -> torch.Tensor:
+    """Sampling noise of this rank's rollout rows [n_rows, max_new_tokens], in build_rollout_prompts' order.
+
+    Every prompt of the global batch owns G + 1 (+1) rows of noise (its main rollouts, query, negative),
+    drawn on every rank from the same generator: a rollout is the same whichever rank samples it."""
+    sides = cfg.group_size + 1 + int(use_negatives)
+    noise = torch.rand(n_prompts, sides, cfg.max_new_tokens, generator=generator, device=generator.device)
+    mine = ranks.shard(noise)  # [P/N, sides, R]: this rank's prompts
+    main, aux = mine[:, :cfg.group_size].reshape(-1, cfg.max_new_tokens), mine[:, cfg.group_size:]
+    return torch.cat([main, *aux.unbind(1)])  # [P/N·G + P/N (+ P/N), R]
+
+
+def sample_rollouts(policy: Policy, prompts, temperatures, noise, cfg: GraceConfig) -> Rollouts:
+    """Rationales for `prompts` from the current policy: vLLM when enabled, else transformers."""
+    module, tokenizer = policy.module, policy.tokenizer
+    kw = dict(max_new_tokens=cfg.max_new_tokens, eos_ids=eos_token_ids(module, tokenizer),
+              pad_id=tokenizer.pad_token_id, top_p=cfg.top_p)
+    if policy.vllm is not None:
+        return policy.vllm.generate(prompts, temperatures, noise, device=policy.ranks.device, **kw)
+    # At most rollout_rows rows per generation (the KV cache grows with rows × tokens). Each row has
+    # its own noise, so the rationales are the same however the rows are split.
+    step = cfg.rollout_rows or len(prompts)
+    parts = [generate(module, prompts[i:i + step], temperatures[i:i + step], noise=noise[i:i + step], **kw)
+             for i in range(0, len(prompts), step)]
+    return parts[0] if len(parts) == 1 else cat_rollouts(parts, tokenizer.pad_token_id)
+
+
+def reference_logprobs(policy: Policy, rows: Rollouts, cfg: GraceConfig) -> torch.Tensor | None:
+    """Log-probs under the frozen reference [n, L]: the base with LoRA adapters off, or the frozen copy."""
+    if cfg.kl_coef <= 0:
+        return None
+    args = (rows, cfg.max_tokens_per_microbatch, cfg.logprob_chunk)
+    if policy.lora:
+        with policy.module.disable_adapter():
+            return forward_rollouts(policy.module, *args).old_logprobs
+    return forward_rollouts(policy.ref_model, *args).old_logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Update
+
+
+def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch.Tensor,
+                  ref_logprobs: torch.Tensor | None, advantages: torch.Tensor, cfg: GraceConfig) -> UpdateStats:
+    """PPO-clip updates over the main rollouts: mini-batches of prompts (one optimizer step each),
+    micro-batches by token budget (gradient accumulation). A non-finite gradient is never applied."""
+    model, ranks = policy.model, policy.ranks
+    model.train()
+    rows_per_update = cfg.mini_batch_size // ranks.world * cfg.group_size
+    stats = UpdateStats(0.0, 0.0, 0.0, 0.0, 0, 0)
+    for _ in range(cfg.ppo_epochs):
+        for start in range(0, main.ids.shape[0], rows_per_update):
+            update_rows = torch.arange(start, start + rows_per_update, device=main.ids.device)
+            normalizer = ranks.token_normalizer(int(main.response_mask[update_rows].sum()))
+            micros, n_real = ranks.pad_passes(microbatches(main.attention[update_rows].sum(-1),
+                                                           cfg.max_tokens_per_microbatch))
+            for i, micro in enumerate(micros):
+                rows = update_rows[micro.to(update_rows.device)]
+                with ranks.gradient_sync(model, sync=i == len(micros) - 1), policy.autocast():
+                    loss, s = micro_batch_loss(policy, main.rows(rows), old_logprobs[rows], advantages[rows],
+                                               None if ref_logprobs is None else ref_logprobs[rows], normalizer, cfg)
+                    (loss * float(i < n_real)).backward()  # padding passes contribute nothing
+                if i < n_real:
+                    stats.loss += loss.item()
+                    stats.clip_frac_sum += s["clip_frac_sum"]
+                    stats.kl_sum += s.get("kl_sum", 0.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+            if torch.isfinite(grad_norm):  # (a non-finite loss gives a non-finite norm too)
+                optimizer.step()
+                stats.grad_norm += float(grad_norm)
+            else:  # a non-finite gradient would poison the weights: drop this update, count it
+                stats.skipped_updates += 1
+            optimizer.zero_grad(set_to_none=True)
+            stats.n_updates += 1
+    stats.tokens = float(main.response_mask.sum()) * cfg.ppo_epochs
+    stats.loss, stats.clip_frac_sum, stats.kl_sum, stats.tokens = ranks.sum(
+        [stats.loss, stats.clip_frac_sum, stats.kl_sum, stats.tokens])
+    stats.loss /= ranks.world
+    return stats
+
+
+def micro_batch_loss(policy: Policy, rows: Rollouts, old_logprobs, advantages, ref_logprobs, normalizer: float,
+                     cfg: GraceConfig) -> tuple[torch.Tensor, dict]:
+    """The clipped policy loss of one micro-batch (its padding columns trimmed): forward with grad."""
+    part, cols = trim(rows)
+    hidden = policy_forward(policy.model, part.ids, part.attention)  # [n, L', H]
+    lm_head = policy.module.get_output_embeddings().weight  # after the forward: gathered under FSDP
+    logprobs = response_logprobs(hidden, lm_head, part.ids, part.response_mask, cfg.logprob_chunk)  # [n, L']
+    return policy_loss(logprobs, old_logprobs[:, cols], advantages, part.response_mask, cfg.clip_eps, normalizer,
+                       None if ref_logprobs is None else ref_logprobs[:, cols], cfg.kl_coef)
