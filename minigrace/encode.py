@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .embed import embed_prompts
-from .prompts import SYSTEM_PROMPT, ChatPrompt, chat_prompt, render_chat
+from .prompts import ChatPrompt, chat_prompt
 
 # GRACE's evaluation limits (eval_mteb.py: THINKING_MAX_LENGTH, INPUT_MAX_LENGTH).
 GRACE_MAX_NEW_TOKENS = 2048
@@ -38,16 +38,7 @@ RATIONALE_MODES = ("generate", "none")
 
 
 # -----------------------------------------------------------------------------
-# Prompts → pooled embeddings (the functional core, shared by Encoder and the trainer's eval)
-
-
-def empty_prompt(tokenizer) -> ChatPrompt:
-    """The chat for an empty user text; pooling starts where the text would have been."""
-    probe = render_chat(tokenizer, "x")
-    char_start = probe.index("x", probe.index(SYSTEM_PROMPT) + len(SYSTEM_PROMPT))
-    enc = tokenizer(render_chat(tokenizer, ""), add_special_tokens=False, return_offsets_mapping=True)
-    pool_start = next(i for i, (_, end) in enumerate(enc["offset_mapping"]) if end > char_start)
-    return ChatPrompt(enc["input_ids"], pool_start, truncated=False)
+# Texts → embeddings (the trainer's held-out evaluation and the Encoder)
 
 
 def embed_texts(model, tokenizer, texts: list[str], *, max_new_tokens: int, max_prompt_len: int,
@@ -147,14 +138,7 @@ class Encoder:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: Encoder.encode takes strings")
-        empty = None
-        prompts = []
-        for t in texts:
-            if t:
-                prompts.append(chat_prompt(self.tokenizer, t, self.max_prompt_len))
-            else:
-                empty = empty or empty_prompt(self.tokenizer)
-                prompts.append(empty)
+        prompts = [chat_prompt(self.tokenizer, t, self.max_prompt_len, allow_empty=True) for t in texts]
         n_cut = sum(p.truncated for p in prompts)
         if n_cut:
             warnings.warn(f"{n_cut} of {len(texts)} texts were longer than max_prompt_len={self.max_prompt_len} "

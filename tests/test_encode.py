@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minigrace.embed import forward_rollouts
-from minigrace.encode import Encoder, default_lengths, empty_prompt
+from minigrace.encode import Encoder, default_lengths
 from minigrace.prompts import chat_prompt
 from minigrace.rollout import eos_token_ids, generate
 from minigrace.worlds.builtin import builtin_corpus, load_tiny
@@ -90,7 +90,7 @@ def test_sampling_is_seeded(encoder, texts):
 
 def test_empty_string_embeds_the_empty_user_turn(encoder):
     tok = encoder.tokenizer
-    p = empty_prompt(tok)
+    p = chat_prompt(tok, "", encoder.max_prompt_len, allow_empty=True)
     assert tok.convert_ids_to_tokens(p.ids[p.pool_start]) == "<|im_end|>"  # pool starts where the text would be
     emb, rationale = encoder.encode("", return_rationales=True)
     assert np.isfinite(emb).all() and abs(np.linalg.norm(emb) - 1) < 1e-5
