@@ -53,6 +53,8 @@ def compute_rewards(doc_emb: torch.Tensor, query_emb: torch.Tensor, neg_emb: tor
 
     mode: supervised (query/positive pairs) or unsupervised (the query is the text's own rationale)."""
     total, parts = grace_reward(doc_emb, query_emb, neg_emb, group_size, tau, weights, mode=mode)
+    if neg_emb is None or mode == "unsupervised":  # no hard negatives: no negative term to report
+        parts.pop("negative")
     return Rewards(apply_length_penalty(total, truncated, group_size, length_penalty, length_penalty_mode), parts)
 
 

@@ -93,7 +93,9 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
     A step whose rewards are not finite makes no update (StepResult.skipped says why): never a silent 0."""
     t0 = time.perf_counter()
     ranks, G = policy.ranks, cfg.group_size
-    use_negatives = mode == "supervised" and all(ex.negative for ex in examples)  # else in-batch negatives only
+    weights = reward_weights(cfg.reward, cfg.w_positive, cfg.w_negative, cfg.w_consistency, cfg.w_cross_group,
+                             cfg.w_discriminative)
+    use_negatives = rolls_out_negatives(examples, mode, weights)
     local = ranks.shard(examples)  # this rank's prompts (all of them on one process)
     n_main, n_aux = len(local) * G, len(local)
 
@@ -116,8 +118,6 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
     query_emb = ranks.gather(fwd.embeddings[n_main:n_main + n_aux], 1)  # [P, H]
     neg_emb = ranks.gather(fwd.embeddings[n_main + n_aux:], 1) if use_negatives else None  # [P, H]
     truncated = ranks.gather(main.truncated, G)  # [P*G]
-    weights = reward_weights(cfg.reward, cfg.w_positive, cfg.w_negative, cfg.w_consistency, cfg.w_cross_group,
-                             cfg.w_discriminative)
     rewards = reward_fn(doc_emb, query_emb, neg_emb, truncated, G, weights, cfg.tau, mode,
                         cfg.length_penalty, cfg.length_penalty_mode)
     problem = nonfinite_rewards(rewards)  # the global rewards: every rank skips the same steps
@@ -148,6 +148,12 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
 
 # ---------------------------------------------------------------------------------------------
 # 1. Rollout
+
+
+def rolls_out_negatives(examples: list[Example], mode: str, weights) -> bool:
+    """Hard negatives are rolled out only when the reward reads them (not under --reward contrastive)
+    and every example of the global batch has one; otherwise the in-batch negatives do the pushing."""
+    return mode == "supervised" and weights.negative != 0 and all(ex.negative for ex in examples)
 
 
 def build_rollout_prompts(tokenizer, examples: list[Example], cfg: GraceConfig, mode: str, use_negatives: bool):

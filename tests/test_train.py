@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from minigrace.config import parse_args
 from minigrace.train import main
 
-STEP_KEYS = {"step", "reward_mean", "reward_std", "reward_positive", "reward_negative", "reward_consistency",
+STEP_KEYS = {"step", "reward_mean", "reward_std", "reward_positive", "reward_consistency",
              "reward_cross_group", "reward_discriminative", "advantage_abs_mean", "frac_zero_std_groups",
              "clip_frac", "kl", "loss", "response_len_mean", "emb_cross_cos_mean", "tokens_per_s", "step_time_s"}
 
@@ -30,6 +30,8 @@ def test_short_run_writes_metrics_samples_and_a_loadable_checkpoint(tiny, tmp_pa
     evals = [r for r in rows if "eval_ndcg@10" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(STEP_KEYS <= set(r) for r in steps)
+    # --reward contrastive never reads the hard negatives: they are not rolled out, so not reported
+    assert not any("reward_negative" in r for r in steps)
     assert [r["step"] for r in evals] == [0, 3]  # before and after training
     assert all(0 <= r["eval_ndcg@10"] <= 1 and 0 <= r["eval_rationale_topic_acc"] <= 1 for r in evals)
     assert all(abs(r["reward_mean"]) < 1e3 and 0 <= r["frac_zero_std_groups"] <= 1 for r in steps)
