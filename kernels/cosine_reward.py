@@ -11,14 +11,20 @@ embedding, n_g the group's negative. All cosines in fp32, cos(a, b) = a.b / (max
   discriminative_i = log_softmax_{g'}(cos(d_i, qrep_g') / tau)[g]
   total_i = (w_pos pos + w_neg neg + w_cons cons + w_cross cross) / tau + w_disc disc
 
-Triton path: one program per rollout, one launch; it loops over the groups and reads each group's
-documents once, so the [N, N] similarity matrix never exists in global memory.
+Triton path: one launch, one program per block of BLOCK_M rollouts. A program streams tiles of
+documents / queries and gets the cosines from tensor-core dot products (tl.dot, fp32 accumulation; fp32
+inputs use 3xTF32, as accurate as fp32), with the norms from the same tiles:
+  1. row terms     q_i.d_i, |q_i|, |d_i|, qrep_g.n_g        -> positive, negative
+  2. own groups    D_blk D_own^T                            -> consistency (a tile or two)
+  3. all queries   D_blk Qrep^T, online log-sum-exp          -> discriminative (+ unsupervised cross_group)
+  4. all documents Q_blk D^T, max over each group's columns  -> supervised cross_group
+Every sum is finished in registers at the end: no [N, N] matrix in global memory, no atomics.
 """
 from dataclasses import dataclass
 
 import torch
 
-from .dispatch import jit, kernel_backend, tl
+from .dispatch import INTERPRET, device_guard, jit, kernel_backend, next_pow2, tl
 
 REWARD_COMPONENTS = ("positive", "negative", "consistency", "cross_group", "discriminative")
 COS_EPS = 1e-8  # as torch.nn.functional.cosine_similarity
@@ -114,127 +120,163 @@ def grace_reward_reference(doc_emb, query_emb, neg_emb, group_size, tau, weights
 
 # ----------------------------------------------------------------------------- Triton kernel
 @jit
+def _row_dots(x_ptr, x_rows, y_ptr, y_rows, ok, H, BLOCK_K: tl.constexpr):
+    """Row by row: (x.y, |x|^2, |y|^2), each [BLOCK_M], of rows x_rows of X [*, H] and y_rows of Y [*, H]."""
+    x_base = x_ptr + x_rows.to(tl.int64)[:, None] * H  # [BLOCK_M, 1]
+    y_base = y_ptr + y_rows.to(tl.int64)[:, None] * H
+    xy = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)  # summed over K once, after the loop
+    xx = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)
+    yy = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        tile_ok = ok[:, None] & (k < H)[None, :]
+        x = tl.load(x_base + k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        y = tl.load(y_base + k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        xy += x * y
+        xx += x * x
+        yy += y * y
+    return tl.sum(xy, axis=1), tl.sum(xx, axis=1), tl.sum(yy, axis=1)
+
+
+@jit
+def _dot_tile(a_ptr, a_rows, a_ok, b_ptr, b_rows, b_ok, H,
+              BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """A[a_rows] B[b_rows]^T [BLOCK_A, BLOCK_B] (fp32 accumulation) and _inv_norm(|B[b_rows]|^2) [BLOCK_B]."""
+    a_base = a_ptr + a_rows.to(tl.int64)[:, None] * H  # [BLOCK_A, 1]
+    b_base = b_ptr + b_rows.to(tl.int64)[:, None] * H  # [BLOCK_B, 1]
+    dots = tl.zeros([a_rows.shape[0], b_rows.shape[0]], dtype=tl.float32)
+    sq_b = tl.zeros([b_rows.shape[0]], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_base + k[None, :], mask=a_ok[:, None] & (k < H)[None, :], other=0.0)  # [BLOCK_A, BLOCK_K]
+        b = tl.load(b_base + k[None, :], mask=b_ok[:, None] & (k < H)[None, :], other=0.0)  # [BLOCK_B, BLOCK_K]
+        if DOT_FP32:  # fp32 inputs (and the interpreter, whose bf16 dot is wrong); bf16/fp16 go to the MMA as is
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        dots = tl.dot(a, tl.trans(b), dots, input_precision=PRECISION)
+        b32 = b.to(tl.float32)
+        sq_b += tl.sum(b32 * b32, axis=1)
+    return dots, _inv_norm(sq_b)
+
+
+@jit
+def _inv_norm(sq):
+    return 1.0 / tl.maximum(tl.sqrt(sq), 1e-8)  # 1e-8 = COS_EPS: cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps))
+
+
+@jit
 def _grace_reward_kernel(
-    doc_ptr, query_ptr, neg_ptr, out_ptr,  # [N, H], [N or P, H], [P, H], [6, N] fp32 (total + 5 parts)
-    N, P, H,
-    inv_tau, eps, inv_other_members, inv_other_groups,  # 1/tau, cos eps, 1/max(G-1, 1), 1/max(P-1, 1)
+    doc_ptr, query_ptr, neg_ptr, out_ptr,  # [N, H], [N or P, H], [P, H] or None, [6, N] fp32 (total + 5 parts)
+    N, P, G, H, inv_tau,
     w_pos, w_neg, w_cons, w_cross, w_disc,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, GROUPS: tl.constexpr,
     QUERY_PER_ROLLOUT: tl.constexpr, HAS_NEG: tl.constexpr, SUPERVISED: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)  # this rollout
-    g = i // G  # its group
-    q_row = i if QUERY_PER_ROLLOUT else g
-    offs_g = tl.arange(0, BLOCK_G)  # [BLOCK_G] member index inside a group
-    g_ok = offs_g < G
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)  # [BLOCK_M] this program's rollouts
+    row_ok = rows < N
+    group = rows // G  # [BLOCK_M]
+    q_rows = rows if QUERY_PER_ROLLOUT else group  # query of each rollout
+    inf = float("inf")
 
-    # |q_i|, |d_i| (and the negative term, the same for the whole group)
-    sq_q = tl.zeros([BLOCK_H], dtype=tl.float32)
-    sq_d = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        q = tl.load(query_ptr + q_row * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-        d = tl.load(doc_ptr + i * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-        sq_q += q * q
-        sq_d += d * d
-    q_norm = tl.maximum(tl.sqrt(tl.sum(sq_q, axis=0)), eps)
-    d_norm = tl.maximum(tl.sqrt(tl.sum(sq_d, axis=0)), eps)
-
-    negative = 0.0
+    # 1. row terms: positive = cos(q_i, d_i), negative = -cos(qrep_g, n_g)
+    qd, sq_q, sq_d = _row_dots(query_ptr, q_rows, doc_ptr, rows, row_ok, H, BLOCK_K)
+    inv_q = _inv_norm(sq_q)
+    inv_d = _inv_norm(sq_d)
+    positive = qd * inv_q * inv_d
+    negative = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_NEG:
-        qrep_row = g * G if QUERY_PER_ROLLOUT else g
-        dot_qn = tl.zeros([BLOCK_H], dtype=tl.float32)
-        sq_qr = tl.zeros([BLOCK_H], dtype=tl.float32)
-        sq_n = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            qr = tl.load(query_ptr + qrep_row * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-            n = tl.load(neg_ptr + g * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-            dot_qn += qr * n
-            sq_qr += qr * qr
-            sq_n += n * n
-        negative = -tl.sum(dot_qn, axis=0) / (
-            tl.maximum(tl.sqrt(tl.sum(sq_qr, axis=0)), eps) * tl.maximum(tl.sqrt(tl.sum(sq_n, axis=0)), eps))
+        qrep_row = group * G if QUERY_PER_ROLLOUT else group  # qrep_g = the query of the group's first rollout
+        qn, sq_qr, sq_n = _row_dots(query_ptr, qrep_row, neg_ptr, group, row_ok, H, BLOCK_K)
+        negative = -qn * _inv_norm(sq_qr) * _inv_norm(sq_n)
 
-    positive = 0.0
-    consistency = 0.0
-    cross_sum = 0.0
-    logit_max = -float("inf")  # online log-sum-exp over groups of cos(d_i, qrep_g') / tau
-    exp_sum = 0.0
-    logit_own = 0.0
-    for g2 in range(0, P):
-        # dot products of this rollout with the G documents of group g2 and with qrep_g2
-        docs = doc_ptr + (g2 * G + offs_g)[:, None] * H  # [BLOCK_G, 1] row pointers
-        qrep2_row = g2 * G if QUERY_PER_ROLLOUT else g2
-        dot_qd = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)  # q_i . d_j
-        dot_dd = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)  # d_i . d_j
-        sq_dj = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)  # |d_j|^2
-        dot_dq = tl.zeros([BLOCK_H], dtype=tl.float32)  # d_i . qrep_g2
-        sq_qr = tl.zeros([BLOCK_H], dtype=tl.float32)  # |qrep_g2|^2
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = offs_h < H
-            q = tl.load(query_ptr + q_row * H + offs_h, mask=h_ok, other=0.0).to(tl.float32)  # [BLOCK_H]
-            d = tl.load(doc_ptr + i * H + offs_h, mask=h_ok, other=0.0).to(tl.float32)  # [BLOCK_H]
-            qr = tl.load(query_ptr + qrep2_row * H + offs_h, mask=h_ok, other=0.0).to(tl.float32)  # [BLOCK_H]
-            dj = tl.load(docs + offs_h[None, :], mask=g_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            dot_qd += q[None, :] * dj
-            dot_dd += d[None, :] * dj
-            sq_dj += dj * dj
-            dot_dq += d * qr
-            sq_qr += qr * qr
-        dj_norm = tl.maximum(tl.sqrt(tl.sum(sq_dj, axis=1)), eps)  # [BLOCK_G]
-        cos_qd = tl.sum(dot_qd, axis=1) / (q_norm * dj_norm)  # [BLOCK_G]
-        cos_dd = tl.sum(dot_dd, axis=1) / (d_norm * dj_norm)  # [BLOCK_G]
-        cos_dq = tl.sum(dot_dq, axis=0) / (d_norm * tl.maximum(tl.sqrt(tl.sum(sq_qr, axis=0)), eps))
+    # 2. consistency: cosines with the other members of the own group, columns [own_lo, own_hi)
+    own_lo = (first // G) * G
+    own_hi = tl.minimum((tl.minimum(first + BLOCK_M, N) - 1) // G * G + G, N)
+    cons_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(own_lo, own_hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        dd, inv_dj = _dot_tile(doc_ptr, rows, row_ok, doc_ptr, cols, cols < own_hi, H, BLOCK_K, DOT_FP32, PRECISION)
+        mate = (cols[None, :] // G == group[:, None]) & (cols[None, :] != rows[:, None]) & (cols < own_hi)[None, :]
+        cons_sum += tl.sum(tl.where(mate, dd * inv_d[:, None] * inv_dj[None, :], 0.0), axis=1)
+    consistency = cons_sum / tl.maximum(G - 1, 1)  # 0 when G == 1
 
-        own = g2 == g
-        is_self = (g2 * G + offs_g) == i  # [BLOCK_G]
-        positive += tl.where(own, tl.sum(tl.where(is_self, cos_qd, 0.0), axis=0), 0.0)
-        consistency += tl.where(own, tl.sum(tl.where(g_ok & ~is_self, cos_dd, 0.0), axis=0), 0.0)
-        if SUPERVISED:
-            cross = tl.max(tl.where(g_ok, cos_qd, -float("inf")), axis=0)
-        else:
-            cross = cos_dq
-        cross_sum += tl.where(own, 0.0, cross)
-
-        logit = cos_dq * inv_tau
-        new_max = tl.maximum(logit_max, logit)
-        exp_sum = exp_sum * tl.exp(logit_max - new_max) + tl.exp(logit - new_max)
+    # 3. cos(d_i, qrep_g') for all groups g': online log-sum-exp of the logits cos / tau
+    logit_max = tl.full([BLOCK_M], -inf, dtype=tl.float32)
+    exp_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cos_own = tl.zeros([BLOCK_M], dtype=tl.float32)  # cos(d_i, qrep_g), g the own group
+    cross_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_N):
+        groups = p0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        g_ok = groups < P
+        qrep_rows = groups * G if QUERY_PER_ROLLOUT else groups
+        dq, inv_qr = _dot_tile(doc_ptr, rows, row_ok, query_ptr, qrep_rows, g_ok, H, BLOCK_K, DOT_FP32, PRECISION)
+        cos = dq * inv_d[:, None] * inv_qr[None, :]  # [BLOCK_M, BLOCK_N]
+        logit = tl.where(g_ok[None, :], cos * inv_tau, -inf)
+        new_max = tl.maximum(logit_max, tl.max(logit, axis=1))
+        exp_sum = exp_sum * tl.exp(logit_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
         logit_max = new_max
-        logit_own += tl.where(own, logit, 0.0)
+        own = groups[None, :] == group[:, None]
+        cos_own += tl.sum(tl.where(own, cos, 0.0), axis=1)
+        if not SUPERVISED:
+            cross_sum += tl.sum(tl.where(g_ok[None, :] & ~own, cos, 0.0), axis=1)
+    discriminative = cos_own * inv_tau - (logit_max + tl.log(exp_sum))  # exactly 0 when P == 1
 
-    consistency = consistency * inv_other_members  # 0 when G == 1 (no other members)
-    cross_group = -cross_sum * inv_other_groups  # 0 when P == 1
-    discriminative = logit_own - (logit_max + tl.log(exp_sum))  # exactly 0 when P == 1
+    # 4. supervised: max_{j in g'} cos(q_i, d_j). A tile holds GROUPS whole groups, each padded to BLOCK_G columns.
+    if SUPERVISED:
+        slot = tl.arange(0, GROUPS * BLOCK_G)
+        member = slot % BLOCK_G
+        for p0 in range(0, P, GROUPS):
+            groups = p0 + slot // BLOCK_G
+            cols_ok = (member < G) & (groups < P)
+            qd_all, inv_dj = _dot_tile(query_ptr, q_rows, row_ok, doc_ptr, groups * G + member, cols_ok, H,
+                                       BLOCK_K, DOT_FP32, PRECISION)
+            cos = tl.where(cols_ok[None, :], qd_all * inv_q[:, None] * inv_dj[None, :], -inf)
+            best = tl.max(tl.reshape(cos, [BLOCK_M, GROUPS, BLOCK_G]), axis=2)  # [BLOCK_M, GROUPS]
+            tile_groups = p0 + tl.arange(0, GROUPS)
+            other = (tile_groups < P)[None, :] & (tile_groups[None, :] != group[:, None])
+            cross_sum += tl.sum(tl.where(other, best, 0.0), axis=1)
+    cross_group = -cross_sum / tl.maximum(P - 1, 1)  # 0 when P == 1
+
     total = (w_pos * positive + w_neg * negative + w_cons * consistency + w_cross * cross_group) * inv_tau \
         + w_disc * discriminative
-    tl.store(out_ptr + i, total)
-    tl.store(out_ptr + N + i, positive)
-    tl.store(out_ptr + 2 * N + i, negative)
-    tl.store(out_ptr + 3 * N + i, consistency)
-    tl.store(out_ptr + 4 * N + i, cross_group)
-    tl.store(out_ptr + 5 * N + i, discriminative)
+    tl.store(out_ptr + rows, total, mask=row_ok)
+    tl.store(out_ptr + N + rows, positive, mask=row_ok)
+    tl.store(out_ptr + 2 * N + rows, negative, mask=row_ok)
+    tl.store(out_ptr + 3 * N + rows, consistency, mask=row_ok)
+    tl.store(out_ptr + 4 * N + rows, cross_group, mask=row_ok)
+    tl.store(out_ptr + 5 * N + rows, discriminative, mask=row_ok)
+
+
+def _reward_blocks(N, G, dtype):
+    """Tile sizes. BLOCK_M rollouts per program: 16 keeps more SMs busy at GRACE sizes (N = 512 -> 32
+    programs); 32 halves the L2 traffic (each program streams all N documents) once N is large.
+    Supervised tiles hold GROUPS groups of BLOCK_G = next_pow2(G) columns (>= BLOCK_N columns in all)."""
+    BLOCK_N, BLOCK_G = 64, next_pow2(G)
+    return dict(BLOCK_M=16 if N <= 4096 else 32, BLOCK_N=BLOCK_N, BLOCK_K=32 if dtype == torch.float32 else 64,
+                BLOCK_G=BLOCK_G, GROUPS=max(BLOCK_N // BLOCK_G, 1))
 
 
 def _grace_reward_triton(doc_emb, query_emb, neg_emb, P, G, tau, weights, mode):
     N, H = doc_emb.shape
-    doc, query = doc_emb.contiguous(), query_emb.contiguous()
     has_neg = neg_emb is not None and mode == "supervised"
-    neg = neg_emb.contiguous() if has_neg else doc  # dummy pointer when unused
+    dtype = torch.promote_types(doc_emb.dtype, query_emb.dtype)  # one dtype for the dot products
+    dtype = torch.promote_types(dtype, neg_emb.dtype) if has_neg else dtype
+    doc, query = doc_emb.to(dtype).contiguous(), query_emb.to(dtype).contiguous()  # no-ops in the trainer
+    neg = neg_emb.to(dtype).contiguous() if has_neg else None
     out = torch.empty((6, N), device=doc.device, dtype=torch.float32)
+    blocks = _reward_blocks(N, G, doc.dtype)
     w = weights
-    _grace_reward_kernel[(N,)](
-        doc, query, neg, out, N, P, H,
-        1.0 / tau, COS_EPS, 1.0 / max(G - 1, 1), 1.0 / max(P - 1, 1), w.positive, w.negative, w.consistency, w.cross_group, w.discriminative,
-        G=G, BLOCK_G=max(_next_pow2(G), 2), BLOCK_H=min(_next_pow2(H), 256),
-        QUERY_PER_ROLLOUT=query.shape[0] == N, HAS_NEG=has_neg, SUPERVISED=mode == "supervised",
-    )
+    dot_fp32 = doc.dtype == torch.float32 or INTERPRET
+    with device_guard(doc):
+        _grace_reward_kernel[((N + blocks["BLOCK_M"] - 1) // blocks["BLOCK_M"],)](
+            doc, query, neg, out, N, P, G, H, 1.0 / tau,
+            w.positive, w.negative, w.consistency, w.cross_group, w.discriminative,
+            **blocks, QUERY_PER_ROLLOUT=query.shape[0] == N, HAS_NEG=has_neg, SUPERVISED=mode == "supervised",
+            DOT_FP32=dot_fp32, PRECISION="ieee" if INTERPRET else "tf32x3",
+        )
     return out[0], dict(zip(REWARD_COMPONENTS, out[1:]))
-
-
-def _next_pow2(n):
-    return 1 << (int(n) - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------- public API

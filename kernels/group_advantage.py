@@ -1,172 +1,98 @@
 """Group-relative advantages (GRPO / Dr.GRPO): adv_i = r_i - mean_group (optionally / (std_group + eps)).
 
-Groups are equal (`group_size`) or ragged (`offsets` [P+1], group p = rows offsets[p]:offsets[p+1]).
-A group whose rewards are all equal gets exactly 0.0; a group of one gets 0.0; NaN/inf is an error.
+Rewards [P*G] come in P groups of G. A group whose rewards are all equal gets exactly 0.0 (a group of one
+too); a group holding a NaN/inf reward gets NaN advantages, all of them: never a silent finite value.
+Nothing here waits for the GPU. With return_stats=True the call also returns, on the device, int32
+[2] = (groups whose rewards are all equal, non-finite rewards): one read of that pair is the only sync,
+and the caller does it where it already syncs (minigrace.advantage reads it for its logged fraction).
 
-Triton path: grid (P, T/BLOCK_T), one program per (group, token block). Each program reads its group's
-rewards (small), computes mean/std, and writes the advantages and, with a token mask, the
-[rows, BLOCK_T] slice of adv[:, None] * token_mask - one pass, no [N] round trip.
+Triton path: one launch, grid (P / BLOCK_P,). A program holds a [BLOCK_P, BLOCK_G] tile of rewards in
+registers (at GRACE sizes, P = 64 and G = 8, a single program does everything) and writes the
+advantages. The stats are atomic adds (the buffer is zeroed first: the only other work on the stream).
 """
 import torch
 
-from .dispatch import jit, kernel_backend, tl
+from .dispatch import device_guard, jit, kernel_backend, next_pow2, tl
+
+MAX_TILE = 4096  # rewards per program; a group must fit in one (G <= MAX_TILE)
 
 
-def _group_offsets(N, group_size, offsets, device):
-    """Validate and return int64 offsets [P+1] on `device`."""
-    if (group_size is None) == (offsets is None):
-        raise ValueError("pass exactly one of group_size or offsets")
-    if offsets is None:
-        G = int(group_size)
-        if G < 1 or N % G != 0:
-            raise ValueError(f"{N} rewards cannot be split into groups of group_size={group_size}")
-        return torch.arange(0, N + 1, G, device=device, dtype=torch.int64)
-    offsets = torch.as_tensor(offsets).to(device=device, dtype=torch.int64)
-    if offsets.dim() != 1 or offsets.numel() < 2:
-        raise ValueError(f"offsets must be [P+1] with P >= 1, got shape {tuple(offsets.shape)}")
-    if offsets[0].item() != 0 or offsets[-1].item() != N or bool((offsets.diff() < 0).any()):
-        raise ValueError(f"offsets must be non-decreasing from 0 to N={N}, got {offsets.tolist()}")
-    return offsets
-
-
-def _raise_if_not_finite(bad_per_group):
-    """bad_per_group [P] = number of NaN/inf rewards in each group."""
-    if bool((bad_per_group > 0).any()):
-        first = int(torch.nonzero(bad_per_group)[0, 0])
-        raise ValueError(
-            f"rewards contain {int(bad_per_group.sum())} non-finite value(s) (NaN/inf); "
-            f"first bad group: {first} ({int(bad_per_group[first])} bad there)"
-        )
-
-
-def _check_rewards(rewards, token_mask):
+def _check_rewards(rewards, group_size):
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be [N], got shape {tuple(rewards.shape)}")
-    if token_mask is not None:
-        if token_mask.dim() != 2 or token_mask.shape[0] != rewards.shape[0]:
-            raise ValueError(f"token_mask must be [N={rewards.shape[0]}, T], got {tuple(token_mask.shape)}")
-        if token_mask.device != rewards.device:
-            raise ValueError(f"token_mask is on {token_mask.device}, rewards on {rewards.device}")
+    G = int(group_size)
+    if G < 1 or rewards.shape[0] % G != 0:
+        raise ValueError(f"{rewards.shape[0]} rewards cannot be split into groups of group_size={group_size}")
+    return G
 
 
 # ----------------------------------------------------------------------------- reference (the specification)
-def group_advantage_reference(rewards, group_size=None, *, offsets=None, scale_std=False, eps=1e-6,
-                              token_mask=None):
-    _check_rewards(rewards, token_mask)
-    r = rewards.float()  # [N]
-    offsets = _group_offsets(r.shape[0], group_size, offsets, r.device)
-    sizes = offsets.diff()  # [P]
-    P = sizes.shape[0]
-    group = torch.repeat_interleave(torch.arange(P, device=r.device), sizes)  # [N] group id of each row
-
-    _raise_if_not_finite(torch.zeros(P, device=r.device).index_add_(0, group, (~r.isfinite()).float()))
-
-    def per_group(values, reduce):  # [N] -> [P]
-        return torch.zeros(P, device=r.device).scatter_reduce(0, group, values, reduce, include_self=False)
-
-    mean = per_group(r, "mean")
-    adv = r - mean[group]
-    if scale_std:  # unbiased std, as torch.std
-        var = per_group(adv * adv, "sum") / (sizes - 1).clamp_min(1)
-        adv = torch.where(sizes[group] > 1, adv / (var.sqrt()[group] + eps), 0.0)
-    all_equal = per_group(r, "amax") == per_group(r, "amin")  # [P]
-    adv = torch.where(all_equal[group], 0.0, adv)  # exactly 0, whatever the rounding of the mean
-    return adv if token_mask is None else adv[:, None] * token_mask.float()
+def group_advantage_reference(rewards, group_size, *, scale_std=False, eps=1e-6, return_stats=False):
+    G = _check_rewards(rewards, group_size)
+    r = rewards.float().view(-1, G)  # [P, G]
+    finite = r.isfinite().all(1, keepdim=True)  # [P, 1]
+    adv = r - r.mean(1, keepdim=True)
+    if scale_std:  # unbiased std, as torch.std; a group of one has none -> 0
+        adv = adv / (r.std(1, keepdim=True) + eps) if G > 1 else torch.zeros_like(r)
+    all_equal = finite & (r.amax(1, keepdim=True) == r.amin(1, keepdim=True))  # [P, 1]
+    adv = torch.where(all_equal, 0.0, torch.where(finite, adv, float("nan"))).flatten()
+    if not return_stats:
+        return adv
+    stats = torch.stack([all_equal.sum(), (~r.isfinite()).sum()]).to(torch.int32)
+    return adv, stats
 
 
 # ----------------------------------------------------------------------------- Triton kernel
 @jit
 def _group_advantage_kernel(
-    rewards_ptr, offsets_ptr, adv_ptr, bad_ptr,  # [N], [P+1] int32, [N] fp32, [P] int32
-    token_mask_ptr, out_ptr,  # [N, T], [N, T] fp32 (only with HAS_TOKEN_MASK)
-    T, stride_mn, stride_mt, eps,
-    SCALE_STD: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    rewards_ptr, adv_ptr, stats_ptr,  # [P*G] any float dtype, [P*G] fp32, int32 [2] zeroed (or None)
+    P, G, stride_r, eps,
+    SCALE_STD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    start = tl.load(offsets_ptr + group)
-    end = tl.load(offsets_ptr + group + 1)
-    size = (end - start).to(tl.float32)
+    groups = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
+    members = tl.arange(0, BLOCK_G)  # [BLOCK_G]
+    ok = (groups < P)[:, None] & (members < G)[None, :]  # [BLOCK_P, BLOCK_G]
+    rows = groups[:, None] * G + members[None, :]
+    r = tl.load(rewards_ptr + rows.to(tl.int64) * stride_r, mask=ok, other=0.0).to(tl.float32)
 
-    # pass 1: sum, min, max, non-finite count
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    lo = tl.full([BLOCK_R], float("inf"), dtype=tl.float32)
-    hi = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
-    bad = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        ok = rows < end
-        r = tl.load(rewards_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        bad += (ok & ((r != r) | (tl.abs(r) == float("inf")))).to(tl.int32)  # NaN or +-inf
-        total += r
-        lo = tl.minimum(lo, tl.where(ok, r, float("inf")))
-        hi = tl.maximum(hi, tl.where(ok, r, -float("inf")))
-    mean = tl.sum(total, axis=0) / tl.maximum(size, 1.0)
-    all_equal = tl.min(lo, axis=0) == tl.max(hi, axis=0)
-
-    # pass 2 (optional): unbiased variance around the mean
-    inv_scale = 1.0
+    bad = ok & ((r != r) | (tl.abs(r) == float("inf")))  # NaN or +-inf
+    finite = tl.sum(bad.to(tl.int32), axis=1) == 0  # [BLOCK_P]
+    mean = tl.sum(r, axis=1) / G
+    adv = tl.where(ok, r - mean[:, None], 0.0)
     if SCALE_STD:
-        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            ok = rows < end
-            r = tl.load(rewards_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-            sq += tl.where(ok, (r - mean) * (r - mean), 0.0)
-        std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(size - 1.0, 1.0))
-        inv_scale = tl.where(size > 1.0, 1.0 / (std + eps), 0.0)  # a group of one -> 0
-
-    # pass 3: write advantages (the token-block-0 program) and the masked per-token slice
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-        ok = rows < end
-        r = tl.load(rewards_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        adv = tl.where(all_equal, 0.0, (r - mean) * inv_scale)  # [BLOCK_R]
-        if pid_t == 0:
-            tl.store(adv_ptr + rows, adv, mask=ok)
-        if HAS_TOKEN_MASK:
-            rows64 = rows.to(tl.int64)
-            tile_ok = ok[:, None] & (offs_t < T)[None, :]
-            m = tl.load(token_mask_ptr + rows64[:, None] * stride_mn + offs_t[None, :] * stride_mt,
-                        mask=tile_ok, other=0).to(tl.float32)  # [BLOCK_R, BLOCK_T]
-            tl.store(out_ptr + rows64[:, None] * T + offs_t[None, :], adv[:, None] * m, mask=tile_ok)
-    if pid_t == 0:
-        tl.store(bad_ptr + group, tl.sum(bad, axis=0))
+        std = tl.sqrt(tl.sum(adv * adv, axis=1) / tl.maximum(G - 1, 1))
+        adv = adv * tl.where(G > 1, 1.0 / (std + eps), 0.0)[:, None]
+    # min == max, not adv == 0: the fp32 mean of equal values need not equal them. (GPU min/max skip NaN.)
+    all_equal = finite & (tl.min(tl.where(ok, r, float("inf")), axis=1) == tl.max(tl.where(ok, r, -float("inf")), axis=1))
+    adv = tl.where(all_equal[:, None], 0.0, tl.where(finite[:, None], adv, float("nan")))
+    tl.store(adv_ptr + rows, adv, mask=ok)
+    if stats_ptr is not None:
+        tl.atomic_add(stats_ptr, tl.sum((all_equal & (groups < P)).to(tl.int32), axis=0))
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
 
 
-def _group_advantage_triton(rewards, offsets, scale_std, eps, token_mask):
-    N, P = rewards.shape[0], offsets.shape[0] - 1
+def _group_advantage_triton(rewards, G, scale_std, eps, return_stats):
+    N, P = rewards.shape[0], rewards.shape[0] // G
+    BLOCK_G = next_pow2(G)
+    BLOCK_P = max(1, min(next_pow2(P), MAX_TILE // BLOCK_G))
     adv = torch.empty(N, device=rewards.device, dtype=torch.float32)
-    bad = torch.zeros(P, device=rewards.device, dtype=torch.int32)
-    if token_mask is None:
-        T, mask, out, strides, BLOCK_T = 1, adv, adv, (0, 0), 16  # mask/out are unused placeholders
-    else:
-        T = token_mask.shape[1]
-        mask = token_mask.view(torch.uint8) if token_mask.dtype == torch.bool else token_mask
-        out = torch.empty((N, T), device=rewards.device, dtype=torch.float32)
-        strides, BLOCK_T = mask.stride(), 256
-    grid = (P, (T + BLOCK_T - 1) // BLOCK_T)
-    _group_advantage_kernel[grid](
-        rewards, offsets.to(torch.int32), adv, bad, mask, out, T, *strides, eps,
-        SCALE_STD=scale_std, HAS_TOKEN_MASK=token_mask is not None, BLOCK_R=16, BLOCK_T=BLOCK_T,
-    )
-    _raise_if_not_finite(bad)
-    return adv if token_mask is None else out
+    stats = torch.zeros(2, device=rewards.device, dtype=torch.int32) if return_stats else None
+    with device_guard(rewards):
+        _group_advantage_kernel[((P + BLOCK_P - 1) // BLOCK_P,)](
+            rewards, adv, stats, P, G, rewards.stride(0), eps, SCALE_STD=scale_std, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G)
+    return (adv, stats) if return_stats else adv
 
 
 # ----------------------------------------------------------------------------- public API
-def group_advantage(rewards, group_size=None, *, offsets=None, scale_std: bool = False, eps: float = 1e-6,
-                    token_mask=None):
-    """Group-centered advantages of rewards [N] -> fp32 [N], or fp32 [N, T] = adv[:, None] * token_mask.
+def group_advantage(rewards, group_size: int, *, scale_std: bool = False, eps: float = 1e-6,
+                    return_stats: bool = False):
+    """Group-centered advantages of rewards [P*G] in groups of group_size -> fp32 [P*G].
 
-    Exactly one of group_size (equal groups) or offsets ([P+1] ragged group boundaries).
-    scale_std divides by (unbiased std + eps). NaN/inf rewards raise ValueError.
+    scale_std divides by (unbiased std + eps). A group with a NaN/inf reward gets NaN advantages.
+    return_stats=True -> (advantages, int32 [2] on the device: groups with all-equal rewards, non-finite
+    rewards); nothing is read back here, so the call never waits for the GPU.
     """
-    _check_rewards(rewards, token_mask)
-    if kernel_backend(rewards, token_mask) == "torch":
-        return group_advantage_reference(rewards, group_size, offsets=offsets, scale_std=scale_std, eps=eps,
-                                         token_mask=token_mask)
-    offsets = _group_offsets(rewards.shape[0], group_size, offsets, rewards.device)
-    return _group_advantage_triton(rewards.contiguous(), offsets, bool(scale_std), float(eps), token_mask)
+    G = _check_rewards(rewards, group_size)
+    if kernel_backend(rewards) == "torch" or G > MAX_TILE:  # a group larger than a tile: the reference
+        return group_advantage_reference(rewards, G, scale_std=scale_std, eps=eps, return_stats=return_stats)
+    return _group_advantage_triton(rewards, G, bool(scale_std), float(eps), bool(return_stats))

@@ -13,8 +13,12 @@ from .kernels import group_advantage
 
 
 def compute_advantages(total: torch.Tensor, group_size: int, scale_std: bool) -> tuple[torch.Tensor, float]:
-    """total [P*G] → (advantages [P*G] fp32, fraction of groups with zero reward variance)."""
-    advantages = group_advantage(total, group_size, scale_std=scale_std)
-    groups = total.view(-1, group_size)
-    frac_zero_std = float((groups.amax(-1) == groups.amin(-1)).float().mean())
-    return advantages, frac_zero_std
+    """total [P*G] → (advantages [P*G] fp32, fraction of groups with zero reward variance).
+
+    One launch; the kernel also counts the all-equal groups and the non-finite rewards on the device, and
+    the single read below (needed for the logged float anyway) is this function's only sync."""
+    advantages, stats = group_advantage(total, group_size, scale_std=scale_std, return_stats=True)
+    zero_std_groups, nonfinite = stats.tolist()
+    if nonfinite:  # the trainer skips non-finite steps before it gets here: a bug if this fires
+        raise ValueError(f"rewards contain {nonfinite} non-finite value(s) (NaN/inf)")
+    return advantages, zero_std_groups / (total.numel() // group_size)

@@ -1,11 +1,16 @@
-"""group_advantage: hand cases, ragged groups, NaN errors, Triton (interpreter) vs the torch reference."""
+"""group_advantage and compute_advantages: hand cases, NaN groups, on-device stats, Triton (interpreter) vs reference."""
+import importlib
 
 import pytest
-from kernel_compile import compile_for_sm90
+from kernel_compile import assert_no_spills, compile_for_sm90, spy_guard
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from minigrace.advantage import compute_advantages
 from minigrace.kernels import group_advantage, group_advantage_reference
+
+# the module, not the function of the same name that minigrace.kernels exports
+group_advantage_module = importlib.import_module("minigrace.kernels.group_advantage")
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -29,9 +34,10 @@ def test_all_equal_group_is_exactly_zero(backend):
     # round), so r - mean alone would give ~1e-8, not 0
     rewards = torch.cat([torch.full((7,), 0.1), torch.full((7,), 0.7), torch.tensor([0.0, 1, 2, 3, 4, 5, 7])])
     for scale_std in (False, True):
-        adv = group_advantage(rewards, 7, scale_std=scale_std)
+        adv, stats = group_advantage(rewards, 7, scale_std=scale_std, return_stats=True)
         assert (adv[:14] == 0.0).all()
         assert (adv[14:] != 0.0).all()
+        assert stats.dtype == torch.int32 and stats.tolist() == [2, 0]  # two all-equal groups, no bad reward
 
 
 def test_group_of_one_is_zero(backend):
@@ -40,89 +46,100 @@ def test_group_of_one_is_zero(backend):
         assert (group_advantage(rewards, 1, scale_std=scale_std) == 0).all()
 
 
-def loop_reference(rewards, offsets, scale_std, eps):
-    """An independent per-group loop with torch.mean / torch.std."""
+def loop_reference(rewards, G, scale_std, eps):
+    """An independent per-group loop with torch.mean / torch.std in fp64."""
     out = []
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        r = rewards[a:b].double()
+    for r in rewards.double().split(G):
         adv = r - r.mean()
         if scale_std:
-            adv = adv / (r.std() + eps) if b - a > 1 else torch.zeros_like(r)
+            adv = adv / (r.std() + eps) if G > 1 else torch.zeros_like(r)
         out.append(adv)
     return torch.cat(out).float()
 
 
+@pytest.mark.parametrize("G", [1, 2, 5, 8, 16, 64])
 @pytest.mark.parametrize("scale_std", [False, True])
-def test_ragged_offsets(backend, scale_std):
-    offsets = [0, 1, 4, 4, 11, 12, 30]  # sizes 1, 3, 0 (empty), 7, 1, 18 (> one block of 16)
-    rewards = torch.randn(30, generator=torch.Generator().manual_seed(0))
-    adv = group_advantage(rewards, offsets=torch.tensor(offsets), scale_std=scale_std)
-    torch.testing.assert_close(adv, loop_reference(rewards, offsets, scale_std, 1e-6))
+def test_matches_loop_reference(backend, G, scale_std):
+    rewards = torch.randn(3 * G, generator=torch.Generator().manual_seed(G)) * 3
+    torch.testing.assert_close(group_advantage(rewards, G, scale_std=scale_std),
+                               loop_reference(rewards, G, scale_std, 1e-6), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_dtypes_and_token_mask(backend, dtype):
-    g = torch.Generator().manual_seed(1)
-    rewards = (torch.randn(12, generator=g) * 5).to(dtype)
-    token_mask = torch.rand(12, 37, generator=g) > 0.3
-    expected = loop_reference(rewards.float(), list(range(0, 13, 4)), True, 1e-6)  # exact on the rounded inputs
+def test_dtypes(backend, dtype):
+    rewards = (torch.randn(12, generator=torch.Generator().manual_seed(1)) * 5).to(dtype)
     adv = group_advantage(rewards, 4, scale_std=True)
     assert adv.dtype == torch.float32 and adv.shape == (12,)
+    expected = loop_reference(rewards.float(), 4, True, 1e-6)  # exact on the rounded inputs
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
-    for mask in (token_mask, token_mask.float(), token_mask.int()):
-        per_token = group_advantage(rewards, 4, scale_std=True, token_mask=mask)
-        assert per_token.dtype == torch.float32 and per_token.shape == (12, 37)
-        torch.testing.assert_close(per_token, expected[:, None] * token_mask.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_strided_rewards(backend):
+    table = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    rewards = table[:, 1]  # stride 3
+    torch.testing.assert_close(group_advantage(rewards, 4), group_advantage_reference(rewards.contiguous(), 4))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_raises(backend, bad_value):
-    rewards = torch.randn(12)
+def test_non_finite_group_gets_nan_and_is_counted(backend, bad_value):
+    rewards = torch.randn(12, generator=torch.Generator().manual_seed(5))
     rewards[7] = bad_value  # group 1 of groups of 4
-    rewards[10] = bad_value  # group 2
-    with pytest.raises(ValueError, match=r"2 non-finite.*first bad group: 1"):
-        group_advantage(rewards, 4)
-    with pytest.raises(ValueError, match=r"first bad group: 1"):
-        group_advantage(rewards, offsets=torch.tensor([0, 2, 8, 12]), token_mask=torch.ones(12, 3))
+    rewards[10] = rewards[11] = bad_value  # group 2
+    for scale_std in (False, True):
+        adv, stats = group_advantage(rewards, 4, scale_std=scale_std, return_stats=True)
+        assert torch.isnan(adv[4:]).all()  # every member of a bad group, not only the bad reward
+        torch.testing.assert_close(adv[:4], loop_reference(rewards[:4], 4, scale_std, 1e-6), atol=1e-5, rtol=1e-5)
+        assert stats.tolist() == [0, 3]  # a bad group never counts as all-equal, even [inf, inf]
+
+
+def test_compute_advantages_reads_the_stats(backend):
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0])
+    adv, frac_zero = compute_advantages(rewards, 3, scale_std=False)
+    assert frac_zero == 0.5 and isinstance(frac_zero, float)
+    torch.testing.assert_close(adv, loop_reference(rewards, 3, False, 1e-6))
+    rewards[4] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite"):
+        compute_advantages(rewards, 3, scale_std=True)
+
+
+def test_launch_is_guarded_with_the_rewards_device(monkeypatch):
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    seen = spy_guard(monkeypatch, group_advantage_module)
+    rewards = torch.randn(6)
+    group_advantage(rewards, 3)
+    assert seen == [rewards.device]
 
 
 def test_argument_errors(backend):
     rewards = torch.randn(6)
-    with pytest.raises(ValueError, match="exactly one"):
-        group_advantage(rewards)
-    with pytest.raises(ValueError, match="exactly one"):
-        group_advantage(rewards, 3, offsets=torch.tensor([0, 3, 6]))
     with pytest.raises(ValueError, match="group_size"):
         group_advantage(rewards, 4)
-    with pytest.raises(ValueError, match="offsets"):
-        group_advantage(rewards, offsets=torch.tensor([0, 3, 5]))  # does not end at N
-    with pytest.raises(ValueError, match="offsets"):
-        group_advantage(rewards, offsets=torch.tensor([0, 4, 2, 6]))  # decreasing
-    with pytest.raises(ValueError, match="token_mask"):
-        group_advantage(rewards, 3, token_mask=torch.ones(5, 2))
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantage(rewards, 0)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        group_advantage(rewards.view(2, 3), 3)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sizes=st.lists(st.integers(1, 20), min_size=1, max_size=5), scale_std=st.booleans(),
-       shift=st.floats(-100, 100), seed=st.integers(0, 2**16))
-def test_property_triton_matches_reference(monkeypatch, sizes, scale_std, shift, seed):
+@given(P=st.integers(1, 70), G=st.integers(1, 20), scale_std=st.booleans(), shift=st.floats(-100, 100),
+       seed=st.integers(0, 2**16))
+def test_property_triton_matches_reference(monkeypatch, P, G, scale_std, shift, seed):
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
-    offsets = torch.tensor([0] + sizes).cumsum(0)
-    rewards = torch.randn(int(offsets[-1]), generator=torch.Generator().manual_seed(seed))
-    adv = group_advantage(rewards, offsets=offsets, scale_std=scale_std)
-    torch.testing.assert_close(adv, group_advantage_reference(rewards, offsets=offsets, scale_std=scale_std))
-    centered = group_advantage(rewards, offsets=offsets)
-    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-        assert abs(float(centered[a:b].sum())) < 1e-5 * (b - a)  # zero-mean within each group
-    shifted = group_advantage(rewards + shift, offsets=offsets)  # a constant shift cancels
+    rewards = torch.randn(P * G, generator=torch.Generator().manual_seed(seed))
+    adv, stats = group_advantage(rewards, G, scale_std=scale_std, return_stats=True)
+    ref, ref_stats = group_advantage_reference(rewards, G, scale_std=scale_std, return_stats=True)
+    torch.testing.assert_close(adv, ref)
+    assert stats.tolist() == ref_stats.tolist()
+    centered = group_advantage(rewards, G)
+    assert (centered.view(P, G).sum(1).abs() < 1e-5 * G).all()  # zero-mean within each group
+    shifted = group_advantage(rewards + shift, G)  # a constant shift cancels
     torch.testing.assert_close(shifted, centered, atol=1e-6 * (1 + abs(shift)), rtol=0)
 
 
 def test_triton_kernel_compiles_for_gpu():
-    types = dict(rewards_ptr="*fp32", offsets_ptr="*i32", adv_ptr="*fp32", bad_ptr="*i32", token_mask_ptr="*u8",
-                 out_ptr="*fp32", eps="fp32")
-    compile_for_sm90("minigrace.kernels.group_advantage", [
-        ("_group_advantage_kernel", types, dict(SCALE_STD=flag, HAS_TOKEN_MASK=flag, BLOCK_R=16, BLOCK_T=256))
-        for flag in (False, True)
-    ])
+    # GRACE: N = 512 rewards in groups of 8 -> one program of [64, 8]; with and without stats, std
+    builds = [("minigrace.kernels.group_advantage", "_group_advantage_kernel",
+               dict(rewards_ptr="*fp32", adv_ptr="*fp32", stats_ptr="*i32" if stats else None, P=64, G=8, stride_r=1,
+                    eps=1e-6, SCALE_STD=stats, BLOCK_P=64, BLOCK_G=8), {}, f"stats={stats}") for stats in (False, True)]
+    assert_no_spills(compile_for_sm90(builds))

@@ -2,10 +2,11 @@
 import math
 
 import pytest
-from kernel_compile import compile_for_sm90
+from kernel_compile import assert_no_spills, compile_for_sm90, spy_guard
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import minigrace.kernels.cosine_reward as cosine_reward
 from minigrace.kernels import REWARD_COMPONENTS, RewardWeights, grace_reward, grace_reward_reference
 
 
@@ -90,32 +91,50 @@ def random_embeddings(P, G, H, dtype=torch.float32, query_rows="group", seed=0):
     return docs, queries, negatives
 
 
-@pytest.mark.parametrize("P,G,H", [(1, 1, 1), (3, 1, 5), (1, 4, 7), (3, 3, 37), (2, 5, 300)])
+def assert_matches_reference(docs, queries, neg, G, mode, w=RewardWeights(discriminative=0.3), tau=0.1):
+    """The Triton result against the reference on the same (fp32-upcast) inputs: all components and the total."""
+    total, parts = grace_reward(docs, queries, neg, G, tau, w, mode)
+    up = lambda x: None if x is None else x.float()
+    ref_total, ref_parts = grace_reward_reference(up(docs), up(queries), up(neg), G, tau, w, mode)
+    for name in REWARD_COMPONENTS:
+        assert parts[name].dtype == torch.float32 and parts[name].shape == (docs.shape[0],)
+        torch.testing.assert_close(parts[name], ref_parts[name], atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+    return parts
+
+
+# G from 1 to 64 (64 = one whole supervised tile per group), odd H, P = 1, row blocks that split groups
+# (G = 5, 64 against BLOCK_M = 16), more groups than one query tile (P = 70 > BLOCK_N = 64)
+@pytest.mark.parametrize("P,G,H", [(1, 1, 1), (3, 1, 5), (1, 4, 7), (3, 3, 37), (2, 5, 300), (4, 2, 33), (3, 8, 16),
+                                   (2, 16, 9), (2, 64, 17), (1, 64, 3), (70, 1, 3)])
 @pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
 def test_triton_matches_reference(monkeypatch, P, G, H, mode):
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
-    w = RewardWeights(discriminative=0.3)
     for query_rows in ("group", "rollout"):
-        for with_neg in (True, False):
-            docs, queries, negatives = random_embeddings(P, G, H, query_rows=query_rows, seed=P * 100 + G * 10 + H)
-            neg = negatives if with_neg else None
-            total, parts = grace_reward(docs, queries, neg, G, 0.1, w, mode)
-            ref_total, ref_parts = grace_reward_reference(docs, queries, neg, G, 0.1, w, mode)
-            for name in REWARD_COMPONENTS:
-                assert parts[name].dtype == torch.float32 and parts[name].shape == (P * G,)
-                torch.testing.assert_close(parts[name], ref_parts[name], atol=1e-5, rtol=1e-5, msg=name)
-            torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+        docs, queries, negatives = random_embeddings(P, G, H, query_rows=query_rows, seed=P * 100 + G * 10 + H)
+        for neg in (negatives, None):
+            parts = assert_matches_reference(docs, queries, neg, G, mode)
+    if G > 1:  # not the trivial zero
+        assert parts["consistency"].abs().max() > 1e-3
+    if P > 1:
+        assert parts["cross_group"].abs().max() > 1e-3 and parts["discriminative"].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(backend, dtype):
-    # cosines are computed in fp32 from the half inputs: compare with the reference on the same half inputs
-    docs, queries, negatives = random_embeddings(3, 4, 40, dtype)
-    total, parts = grace_reward(docs, queries, negatives, 4, 0.1, RewardWeights(discriminative=0.3))
-    ref_total, ref_parts = grace_reward_reference(docs.float(), queries.float(), negatives.float(), 4, 0.1,
-                                                  RewardWeights(discriminative=0.3))
-    assert total.dtype == torch.float32
-    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+@pytest.mark.parametrize("P,G,H", [(3, 4, 40), (2, 16, 33)])
+def test_half_inputs(backend, dtype, P, G, H):
+    # cosines are computed in fp32 from the half inputs: compare with the reference on the same values in fp32
+    docs, queries, negatives = random_embeddings(P, G, H, dtype)
+    for mode in ("supervised", "unsupervised"):
+        assert_matches_reference(docs, queries, negatives, G, mode)
+
+
+def test_launch_is_guarded_with_the_doc_device(monkeypatch):
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    seen = spy_guard(monkeypatch, cosine_reward)
+    docs, queries, negatives = random_embeddings(2, 2, 4)
+    grace_reward(docs, queries, negatives, 2, 0.1)
+    assert seen == [docs.device]
 
 
 def test_validation_errors(backend):
@@ -135,15 +154,14 @@ def test_validation_errors(backend):
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(P=st.integers(1, 4), G=st.integers(1, 4), H=st.integers(1, 24), scale=st.floats(0.01, 100.0),
+@given(P=st.integers(1, 4), G=st.integers(1, 20), H=st.integers(1, 24), scale=st.floats(0.01, 100.0),
        mode=st.sampled_from(["supervised", "unsupervised"]), seed=st.integers(0, 2**16))
 def test_property_triton_matches_reference_and_scale_invariance(monkeypatch, P, G, H, scale, mode, seed):
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
     docs, queries, negatives = random_embeddings(P, G, H, seed=seed)
     w = RewardWeights(discriminative=0.5)
-    total, parts = grace_reward(docs, queries, negatives, G, 0.1, w, mode)
-    ref_total, _ = grace_reward_reference(docs, queries, negatives, G, 0.1, w, mode)
-    torch.testing.assert_close(total, ref_total, atol=1e-4, rtol=1e-5)
+    parts = assert_matches_reference(docs, queries, negatives, G, mode, w)
+    total, _ = grace_reward(docs, queries, negatives, G, 0.1, w, mode)
     scaled_total, _ = grace_reward(docs * scale, queries * scale, negatives, G, 0.1, w, mode)  # cosine ignores scale
     torch.testing.assert_close(scaled_total, total, atol=1e-4, rtol=1e-4)
     for name in ("positive", "consistency"):
@@ -152,10 +170,20 @@ def test_property_triton_matches_reference_and_scale_invariance(monkeypatch, P, 
 
 
 def test_triton_kernel_compiles_for_gpu():
-    scalars = "inv_tau eps inv_other_members inv_other_groups w_pos w_neg w_cons w_cross w_disc".split()
-    types = dict(doc_ptr="*bf16", query_ptr="*bf16", neg_ptr="*bf16", out_ptr="*fp32", **{s: "fp32" for s in scalars})
-    compile_for_sm90("minigrace.kernels.cosine_reward", [
-        ("_grace_reward_kernel", types, dict(G=8, BLOCK_G=8, BLOCK_H=256, QUERY_PER_ROLLOUT=per_rollout,
-                                             HAS_NEG=supervised, SUPERVISED=supervised))
-        for per_rollout, supervised in [(False, True), (True, False)]
-    ])
+    # GRACE's P = 64 groups; G up to 64 and H up to 4096, fp32 (what the trainer passes) and bf16 inputs, with
+    # the launcher's tile sizes: no spills, and the similarities on tensor cores (mma)
+    builds = []
+    for G, H, dtype, supervised, per_rollout in [(8, 1536, torch.float32, True, False),
+                                                 (8, 1536, torch.bfloat16, True, False),
+                                                 (64, 4096, torch.float32, True, True),
+                                                 (64, 4096, torch.bfloat16, False, False)]:
+        ptr = "*fp32" if dtype == torch.float32 else "*bf16"
+        args = dict(doc_ptr=ptr, query_ptr=ptr, neg_ptr=ptr if supervised else None, out_ptr="*fp32", N=64 * G, P=64,
+                    G=G, H=H, inv_tau=10.0, w_pos=1.0, w_neg=1.0, w_cons=0.2, w_cross=0.2, w_disc=0.1,
+                    **cosine_reward._reward_blocks(64 * G, G, dtype), QUERY_PER_ROLLOUT=per_rollout,
+                    HAS_NEG=supervised, SUPERVISED=supervised, DOT_FP32=dtype == torch.float32, PRECISION="tf32x3")
+        builds.append(("minigrace.kernels.cosine_reward", "_grace_reward_kernel", args, {}, f"G={G} H={H} {ptr}"))
+    results = compile_for_sm90(builds)
+    assert_no_spills(results)
+    for r in results:
+        assert "mma.sync" in r["ptx"] or "wgmma" in r["ptx"], r["label"]
