@@ -80,8 +80,8 @@ def panel_keys(runs: list[Run]) -> list[str]:
 
 
 def _smooth(values: list[float]) -> list[float]:
-    """Trailing mean over ~1/25 of the run (nothing for short runs): the trend through RL noise."""
-    window = len(values) // 25
+    """Trailing mean over ~1/15 of the run: the trend through RL noise."""
+    window = len(values) // 15
     if window < 2:
         return values
     out, total = [], 0.0
@@ -118,7 +118,7 @@ def plot_runs(run_dirs: list[str], out_path: str) -> str:
             color = f"C{i % 10}"
             if key.startswith("eval_"):
                 ax.plot(steps, values, "o-", color=color, markersize=4)
-            elif len(values) >= 50:  # raw faintly, the trend solid
+            elif len(values) >= 30:  # raw faintly, the trend solid
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, _smooth(list(values)), color=color, linewidth=1.5)
             else:
@@ -152,7 +152,7 @@ def plot_runs(run_dirs: list[str], out_path: str) -> str:
     else:
         fig.suptitle(f"GRACE training curves: {len(runs)} runs")
         fig.legend(handles=[Line2D([], [], color=f"C{i % 10}", label=r.name) for i, r in enumerate(runs)],
-                   loc="outside upper center", ncol=min(len(runs), 4), fontsize=9)
+                   loc="outside lower center", ncol=min(len(runs), 4), fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=DPI)
     return out_path
