@@ -3,85 +3,151 @@
     python bench/pool_sim.py            # GRACE shapes on CUDA; the small preset on CPU
     python bench/pool_sim.py --quick    # small CPU-friendly shapes on any device
 
-Kernels: masked_mean_pool (+ L2 norm), grace_reward (all components), group_advantage (with and without
-a [N, T] token mask). Each implementation is timed the same way: warm-up, then the median and p20/p80 of
-repeated runs (triton.testing.do_bench on GPU, a time.perf_counter loop on CPU). GB/s counts the bytes
-that must move (read once + written once); extra memory = peak allocated during one call minus what was
-allocated before it (output included). The Triton column needs CUDA: the interpreter is never timed.
+Kernels: masked_mean_pool (dense mask, and masked_mean_pool_span), grace_reward (all components), and
+group_advantage. Columns:
+  e2e ms     the whole call as the trainer makes it (checks, allocations, launches): triton.testing.do_bench
+             on CUDA (CUDA events around each call), a perf_counter loop on CPU; median and p20-p80
+  kernel ms  GPU time only: CUDA events around replays of a CUDA graph of the call (no host overhead)
+  launches   kernels (and memsets) one call puts on the GPU (torch.profiler)
+  %peak      bytes / kernel time / the GPU's HBM peak, for the pool only (where bytes dominate)
+  x roof     kernel time / the analytic roofline time of the shape (below)
+Each compile row times a static kernel: torch._dynamo.reset() per case, dynamic=False. The Triton
+column needs CUDA (the interpreter is never timed).
+
+Roofline: the bytes each kernel must move at the shape (inputs read once, outputs written once) and the
+FLOPs it must do, and the time they take at the GPU's peak (bandwidth, dense tensor-core rate; 3xTF32
+for fp32 dot products). Under LAUNCH_US the bound is the launch itself ("launch"). On CPU
+the roofline of the GRACE shapes is printed for the reference GPUs, so a reader without a GPU sees the
+limit each GPU row has to be compared with.
+
+Targets (issue #14, judged only on a GPU at the GRACE shapes; a CPU run reports "n/a", never a PASS):
+  masked_mean_pool N=512 T=2048 H=1536 bf16: Triton kernel time >= 85% of HBM peak (mask and span entries)
+  grace_reward P=64 G=8 H=1536 (fp32, as the trainer passes it): 1 launch, e2e >= 3x eager, >= 1.5x compile
+  group_advantage N=512 G=8: 1 launch, e2e >= 3x eager, >= 1.5x compile
 """
 import argparse
-import json
 import logging
 import os
-import platform
 import re
-import statistics
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/pool_sim.py` from anywhere
+
 import torch
 
+from bench.common import device_name, fmt, summarize, time_fn, write_json
 from minigrace.kernels import (RewardWeights, grace_reward, grace_reward_reference, group_advantage,
-                               group_advantage_reference, masked_mean_pool, masked_mean_pool_reference)
+                               group_advantage_reference, masked_mean_pool, masked_mean_pool_reference,
+                               masked_mean_pool_span)
 
-PEAK_GBPS = {"H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100 80GB": 2039}  # "H100" = SXM (HBM3)
+# (device-name pattern, label, HBM GB/s, dense bf16 TFLOP/s, dense tf32 TFLOP/s), first match wins.
+# Vendor datasheets. "GH200" holds "H200" and "H100 NVL" holds "H100": the patterns keep them apart.
+GPUS = [
+    (r"GH200.*(144|HBM3e)", "GH200 144GB HBM3e", 4900, 989, 494),
+    (r"GH200", "GH200 96GB HBM3", 4000, 989, 494),
+    (r"(?<!G)H200 NVL", "H200 NVL", 4800, 835, 418),
+    (r"(?<!G)H200", "H200 SXM", 4800, 989, 494),
+    (r"H100 NVL", "H100 NVL", 3900, 835, 418),
+    (r"H100.*PCIe", "H100 PCIe", 2000, 756, 378),
+    (r"H100", "H100 SXM", 3350, 989, 494),
+    (r"A100.*PCIe", "A100 PCIe 80GB", 1935, 312, 156),
+    (r"A100", "A100 SXM 80GB", 2039, 312, 156),
+]
+ROOFLINE_GPUS = ["H200", "H100 80GB HBM3"]  # printed on CPU (device names as torch reports them)
+LAUNCH_US = 2.0  # below this, a launch and its ramp-up, not bytes or FLOPs, set a kernel's time
+GRACE_POOL, GRACE_REWARD, GRACE_ADVANTAGE = (512, 2048, 1536), (64, 8, 1536), (512, 8)
 
 
-def peak_bandwidth(device_name):
-    for key, gbps in PEAK_GBPS.items():  # most specific first
-        if all(word in device_name for word in key.split()):
-            return gbps
+def gpu_spec(name):
+    for pattern, label, gbps, bf16, tf32 in GPUS:
+        if re.search(pattern, name, re.I):
+            return dict(gpu=label, hbm_gbps=gbps, bf16_tflops=bf16, tf32_tflops=tf32)
     return None
 
 
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        model = platform.processor() or platform.machine()
-    return f"cpu {model}"
+def roofline(case, spec):
+    """Time at peak for the case's bytes and FLOPs: fp32 dot products run as 3xTF32 (3 tensor-core passes)."""
+    if spec is None:
+        return None
+    tflops = spec["bf16_tflops"] if case["dot_dtype"] != torch.float32 else spec["tf32_tflops"] / 3
+    us_bytes, us_flops = case["bytes"] / (spec["hbm_gbps"] * 1e3), case["flops"] / (tflops * 1e6)
+    us = max(us_bytes, us_flops)
+    bound = "launch" if us < LAUNCH_US else "bytes" if us_bytes >= us_flops else "flops"
+    return dict(gpu=spec["gpu"], bytes=case["bytes"], flops=case["flops"], us_bytes=us_bytes, us_flops=us_flops,
+                us=us, bound=bound)
 
 
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+# ----------------------------------------------------------------------------- cases
+def pool_case(N, T, H, dtype, device, make_tensors=True):
+    # pooled span = after a 40-token system prefix, up to a random end (as rollouts of random length)
+    g = torch.Generator().manual_seed(N + T + H)
+    start = torch.full((N,), min(40, T // 4))
+    end = torch.randint(T // 2, T + 1, (N,), generator=g)
+    pooled = int((end - start).sum())
+    size = torch.finfo(dtype).bits // 8
+    case = dict(name="masked_mean_pool", shape=f"N={N} T={T} H={H} {str(dtype)[6:]}", dot_dtype=dtype,
+                bytes=pooled * H * size + N * T + 3 * N * H * 4,  # pooled tokens, mask, fp32 out (+ normalize r/w)
+                flops=pooled * H, target=(N, T, H) == GRACE_POOL and dtype == torch.bfloat16)
+    if not make_tensors:
+        return case
+    hidden = torch.randn(N, T, H, device=device, dtype=dtype)  # made on the device: 6 GiB at the largest shape
+    start, end = start.to(device), end.to(device)
+    t = torch.arange(T, device=device)
+    pool_mask = (t >= start[:, None]) & (t < end[:, None])
+    return dict(case, reference=lambda: masked_mean_pool_reference(hidden, pool_mask),
+                compiled_fn=masked_mean_pool_reference, args=(hidden, pool_mask),
+                triton=lambda: masked_mean_pool(hidden, pool_mask),
+                triton_span=lambda: masked_mean_pool_span(hidden, start, end))
 
 
-# ----------------------------------------------------------------------------- timing
-def time_cpu(fn, warmup=2, reps=15):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10)  # deciles: q[1] = p20, q[7] = p80
-    return statistics.median(times), q[1], q[7]
+def reward_case(P, G, H, dtype, device, make_tensors=True):
+    N, size = P * G, torch.finfo(dtype).bits // 8
+    case = dict(name="grace_reward", shape=f"P={P} G={G} H={H} {str(dtype)[6:]}", dot_dtype=dtype,
+                bytes=(N + 2 * P) * H * size + 6 * N * 4,  # docs, group queries, negatives; 6 fp32 outputs
+                # the similarities the formulas need: doc-doc in groups, doc-query and query-doc (supervised)
+                flops=2 * H * (N * G + 2 * N * P),
+                target=(P, G, H) == GRACE_REWARD and dtype == torch.float32)
+    if not make_tensors:
+        return case
+    docs, queries, negatives = (torch.randn(rows, H, device=device, dtype=dtype) for rows in (N, P, P))
+    args = (docs, queries, negatives, G, 0.1, RewardWeights(discriminative=0.1))
+    return dict(case, reference=lambda: grace_reward_reference(*args), compiled_fn=grace_reward_reference, args=args,
+                triton=lambda: grace_reward(*args))
 
 
-def time_cuda(fn):
-    import triton.testing
-
-    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-
-
-def extra_memory_mb(fn, device):
-    if device != "cuda":
-        return None  # not measured on CPU (no allocator statistics)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak / 2**20
+def advantage_case(N, G, scale_std, device, make_tensors=True):
+    case = dict(name="group_advantage", shape=f"N={N} G={G}" + (" std" if scale_std else ""), dot_dtype=None,
+                bytes=N * 4 * 2, flops=5 * N, target=(N, G) == GRACE_ADVANTAGE and not scale_std)
+    if not make_tensors:
+        return case
+    rewards = torch.randn(N, device=device)
+    return dict(case, reference=lambda: group_advantage_reference(rewards, G, scale_std=scale_std),
+                compiled_fn=lambda r: group_advantage_reference(r, G, scale_std=scale_std), args=(rewards,),
+                triton=lambda: group_advantage(rewards, G, scale_std=scale_std))
 
 
+def build_cases(quick, device, make_tensors=True):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if quick:
+        pool = [(16, T, H) for T in (128, 256) for H in (256, 384)]
+        reward = [(8, 4, H, dtype) for H in (256, 384) for dtype in (fp32, bf16)]
+        advantage = [(64, 8, False), (64, 8, True)]
+    else:
+        pool = [(512, T, H) for T in (512, 2048) for H in (1536, 3072)]
+        reward = [(64, 8, H, dtype) for H in (1536, 3072) for dtype in (fp32, bf16)] + [(8, 64, 1536, fp32)]
+        advantage = [(512, 8, False), (512, 8, True)]
+    for N, T, H in pool:
+        yield lambda N=N, T=T, H=H: pool_case(N, T, H, bf16, device, make_tensors)
+    for P, G, H, dtype in reward:
+        yield lambda P=P, G=G, H=H, dtype=dtype: reward_case(P, G, H, dtype, device, make_tensors)
+    for N, G, scale_std in advantage:
+        yield lambda N=N, G=G, s=scale_std: advantage_case(N, G, s, device, make_tensors)
+
+
+# ----------------------------------------------------------------------------- measuring
 @contextmanager
 def kernels_env(mode):
     old = os.environ.get("MINIGRACE_KERNELS")
@@ -95,121 +161,144 @@ def kernels_env(mode):
             os.environ["MINIGRACE_KERNELS"] = old
 
 
+def time_e2e(fn, device):
+    """(median, p20, p80) ms of whole calls."""
+    if device == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    t = summarize([s * 1e3 for s in time_fn(fn, warmup=2, reps=15)])
+    return t["median"], t["p20"], t["p80"]
+
+
+def time_kernel(fn):
+    """GPU-only ms per call: CUDA-graph replays between CUDA events (the call's host work is not replayed).
+    None when the call cannot be captured in a graph."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as e:  # e.g. a host sync inside the call
+        print(f"  (kernel time not measured: {type(e).__name__}: {str(e).splitlines()[0][:80]})")
+        return None
+
+
+def count_launches(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def extra_memory_mb(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def max_abs_error(out, ref):
     if isinstance(out, tuple):  # grace_reward: (total, parts)
         return max([max_abs_error(out[0], ref[0])] + [max_abs_error(out[1][k], ref[1][k]) for k in ref[1]])
     return (out.float() - ref.float()).abs().max().item()
 
 
-# ----------------------------------------------------------------------------- cases
-def pool_case(N, T, H, dtype, device):
-    hidden = torch.randn(N, T, H, device=device, dtype=dtype)  # made on the device: 6 GiB at the largest shape
-    # pooled span = after a 40-token system prefix, up to a random end (as rollouts of random length)
-    start = min(40, T // 4)
-    end = torch.randint(T // 2, T + 1, (N,))
-    t = torch.arange(T)
-    pool_mask = ((t >= start) & (t[None, :] < end[:, None])).to(device)
-    pooled = int(pool_mask.sum())
-    bytes_moved = pooled * H * hidden.element_size() + pool_mask.numel() + N * H * hidden.element_size()
-    return dict(
-        name="masked_mean_pool", shape=f"N={N} T={T} H={H} {str(dtype)[6:]}", bytes=bytes_moved,
-        eager=lambda: masked_mean_pool_reference(hidden, pool_mask),
-        compiled_fn=masked_mean_pool_reference, args=(hidden, pool_mask),
-        triton=lambda: masked_mean_pool(hidden, pool_mask),
-    )
+def implementations(case, triton_ok):
+    """[(impl, fn, compile info or None)] and the rows of those that could not run."""
+    impls, failed = [("eager", case["reference"], None)], []
+    try:
+        torch._dynamo.reset()  # a fresh static compile per case: no recompiles, no dynamic shapes carried over
+        compiled = torch.compile(case["compiled_fn"], dynamic=False)
+        breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
+        seconds = time_fn(lambda: compiled(*case["args"]), warmup=0, reps=1)[0]  # compile + first run
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
+        impls.append(("compile", lambda: compiled(*case["args"]), dict(compile_s=seconds, graph_breaks=breaks)))
+    except Exception as e:  # e.g. no C++ compiler: report, do not crash
+        failed.append(dict(impl="compile", error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
+    for impl in ("triton", "triton_span"):
+        if impl in case and triton_ok:
+            impls.append((impl, case[impl], None))
+        elif impl in case:
+            failed.append(dict(impl=impl, error="needs CUDA (not timed on CPU; the interpreter is never timed)"))
+    return impls, failed
 
 
-def reward_case(P, G, H, dtype, device):
-    docs = torch.randn(P * G, H, device=device, dtype=dtype)
-    queries = torch.randn(P, H, device=device, dtype=dtype)
-    negatives = torch.randn(P, H, device=device, dtype=dtype)
-    args = (docs, queries, negatives, G, 0.1, RewardWeights(discriminative=0.1))
-    bytes_moved = (docs.numel() + queries.numel() + negatives.numel()) * docs.element_size() + 6 * P * G * 4
-    return dict(
-        name="grace_reward", shape=f"P={P} G={G} H={H} {str(dtype)[6:]}", bytes=bytes_moved,
-        eager=lambda: grace_reward_reference(*args), compiled_fn=grace_reward_reference, args=args,
-        triton=lambda: grace_reward(*args),
-    )
-
-
-def advantage_case(N, G, T, device):
-    rewards = torch.randn(N, device=device)
-    token_mask = None if T is None else torch.rand(N, T, device=device) > 0.3
-    kwargs = dict(scale_std=True, token_mask=token_mask)
-    bytes_moved = N * 4 * 2 + (0 if T is None else N * T * (1 + 4))  # rewards in + adv out (+ mask in, [N, T] out)
-    return dict(
-        name="group_advantage", shape=f"N={N} G={G}" + ("" if T is None else f" T={T} (token mask)"),
-        bytes=bytes_moved,
-        eager=lambda: group_advantage_reference(rewards, G, **kwargs),
-        compiled_fn=lambda r, g: group_advantage_reference(r, g, **kwargs), args=(rewards, G),
-        triton=lambda: group_advantage(rewards, G, **kwargs),
-    )
-
-
-def build_cases(quick, device):
-    torch.manual_seed(0)
-    bf16 = torch.bfloat16
-    if quick:
-        pool = [(16, T, H) for T in (128, 256) for H in (256, 384)]
-        reward = [(8, 4, H) for H in (256, 384)]
-        advantage = [(64, 8, None), (64, 8, 256)]
-    else:
-        pool = [(512, T, H) for T in (512, 2048) for H in (1536, 2048, 3072)]
-        reward = [(64, 8, H) for H in (1536, 2048, 3072)]
-        advantage = [(512, 8, None), (512, 8, 2048)]
-    for N, T, H in pool:
-        yield lambda N=N, T=T, H=H: pool_case(N, T, H, bf16, device)
-    for P, G, H in reward:
-        yield lambda P=P, G=G, H=H: reward_case(P, G, H, bf16, device)
-    for N, G, T in advantage:
-        yield lambda N=N, G=G, T=T: advantage_case(N, G, T, device)
-
-
-# ----------------------------------------------------------------------------- run
-def run_case(case, device, triton_ok):
-    timer = time_cuda if device == "cuda" else time_cpu
-    rows = []
+def run_case(case, device, triton_ok, spec):
+    on_gpu = device == "cuda"
+    roof = roofline(case, spec)
     with torch.no_grad():
-        reference = case["eager"]()
-        impls = [("eager", case["eager"], None)]
-        try:
-            compiled = torch.compile(case["compiled_fn"])
-            breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
-            t0 = time.perf_counter()
-            compiled(*case["args"])  # compile (+ first run)
-            compile_s = time.perf_counter() - t0
-            graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
-            impls.append(("compile", lambda: compiled(*case["args"]), (compile_s, graph_breaks)))
-        except Exception as e:  # e.g. no C++ compiler: report, do not crash
-            rows.append(dict(impl="compile", error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
-        if triton_ok:
-            impls.append(("triton", case["triton"], None))
-        else:
-            rows.append(dict(impl="triton", error="needs CUDA (not timed on CPU; the interpreter is never timed)"))
+        reference = case["reference"]()
+        impls, rows = implementations(case, triton_ok)
         for impl, fn, compile_info in impls:
             try:
-                with kernels_env("triton" if impl == "triton" else "torch"):
+                with kernels_env("triton" if impl.startswith("triton") else "torch"):
                     err = max_abs_error(fn(), reference)
-                    median, p20, p80 = timer(fn)
-                    mem = extra_memory_mb(fn, device)
+                    median, p20, p80 = time_e2e(fn, device)
+                    kernel_ms = time_kernel(fn) if on_gpu else None
+                    row = dict(impl=impl, ms=median, p20_ms=p20, p80_ms=p80, kernel_ms=kernel_ms,
+                               launches=count_launches(fn) if on_gpu else None,
+                               extra_mb=extra_memory_mb(fn) if on_gpu else None, max_abs_err=err, **(compile_info or {}))
             except Exception as e:
                 rows.append(dict(impl=impl, error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
                 continue
-            rows.append(dict(impl=impl, ms=median, p20_ms=p20, p80_ms=p80, gbps=case["bytes"] / median / 1e6,
-                             extra_mb=mem, max_abs_err=err))
-            if compile_info:
-                rows[-1].update(compile_s=compile_info[0], graph_breaks=compile_info[1])
+            bytes_bound = case["name"] == "masked_mean_pool"
+            row["pct_peak"] = (100 * case["bytes"] / (kernel_ms * 1e-3) / (spec["hbm_gbps"] * 1e9)
+                               if kernel_ms and spec and bytes_bound else None)
+            row["x_roofline"] = kernel_ms * 1e3 / roof["us"] if kernel_ms and roof else None
+            rows.append(row)
     by_impl = {r["impl"]: r for r in rows if "ms" in r}
     for r in rows:
         if "ms" in r:
             for base in ("eager", "compile"):
                 r[f"speedup_vs_{base}"] = by_impl[base]["ms"] / r["ms"] if base in by_impl else None
-    order = {"eager": 0, "compile": 1, "triton": 2}
-    return sorted(rows, key=lambda r: order[r["impl"]])
+        r.update(kernel=case["name"], shape=case["shape"], bytes=case["bytes"], flops=case["flops"])
+    order = {"eager": 0, "compile": 1, "triton": 2, "triton_span": 3}
+    return sorted(rows, key=lambda r: order[r["impl"]]), roof
 
 
-def fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
+def judge(case, rows, on_gpu):
+    """PASS/FAIL of the issue's target for a target case (None for other cases)."""
+    if not case["target"]:
+        return None
+    tritons = [r for r in rows if r["impl"].startswith("triton")]
+    if not on_gpu or not tritons or any("ms" not in r for r in tritons):
+        return dict(kernel=case["name"], shape=case["shape"], result="n/a",
+                    why="needs a GPU run with the Triton column (a PASS is only ever from a GPU)")
+    checks = {}
+    for r in tritons:
+        if case["name"] == "masked_mean_pool":
+            checks[f"{r['impl']} %peak >= 85"] = (r["pct_peak"] or 0) >= 85
+        else:
+            checks[f"{r['impl']} launches == 1"] = r["launches"] == 1
+            checks[f"{r['impl']} x eager >= 3"] = (r["speedup_vs_eager"] or 0) >= 3
+            checks[f"{r['impl']} x compile >= 1.5"] = (r["speedup_vs_compile"] or 0) >= 1.5
+    return dict(kernel=case["name"], shape=case["shape"], result="PASS" if all(checks.values()) else "FAIL",
+                checks=checks)
+
+
+# ----------------------------------------------------------------------------- output
+def print_roofline_table(device_names):
+    """Roofline of the GRACE shapes on GPUs this run does not have (a CPU run)."""
+    print("\nroofline at the GRACE shapes (analytic: bytes and FLOPs at peak; a measured GPU row is compared "
+          "with these)")
+    print(f"{'gpu':<18} {'kernel':<17} {'shape':<26} {'MB':>9} {'GFLOP':>9} {'us bytes':>9} {'us flops':>9} "
+          f"{'bound':>6}")
+    table = []
+    for name in device_names:
+        spec = gpu_spec(name)
+        for make_case in build_cases(quick=False, device="cpu", make_tensors=False):
+            case = make_case()
+            roof = roofline(case, spec)
+            table.append(dict(roof, kernel=case["name"], shape=case["shape"]))
+            print(f"{roof['gpu']:<18} {case['name']:<17} {case['shape']:<26} {roof['bytes'] / 1e6:>9.4g} "
+                  f"{roof['flops'] / 1e9:>9.4g} {roof['us_bytes']:>9.4g} {roof['us_flops']:>9.4g} {roof['bound']:>6}")
+    return table
 
 
 def main():
@@ -226,52 +315,67 @@ def main():
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks are counted in the JSON instead
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
-    quick = args.quick or args.device == "cpu"
+    on_gpu = args.device == "cuda"
+    quick = args.quick or not on_gpu
     try:
         import triton  # noqa: F401
 
-        triton_ok = args.device == "cuda"
+        triton_ok = on_gpu
     except ImportError:
         triton_ok = False
     name = device_name(args.device)
-    peak = peak_bandwidth(name) if args.device == "cuda" else None
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    spec = gpu_spec(name) if on_gpu else None
     print(f"device: {name} | torch {torch.__version__} | preset: {'quick' if quick else 'GRACE'}"
-          + (f" | peak {peak} GB/s" if peak else "")
-          + (f" | {torch.get_num_threads()} CPU threads, load avg {load:.2f}" if args.device == "cpu" else ""))
+          + (f" | {spec['gpu']}: {spec['hbm_gbps']} GB/s, {spec['bf16_tflops']} bf16 TFLOP/s" if spec else "")
+          + ("" if on_gpu else f" | {torch.get_num_threads()} CPU threads"))
     if not triton_ok:
-        print("Triton column: needs CUDA" + ("" if args.device == "cuda" else " (this is a CPU run)")
+        print("Triton column: needs CUDA" + ("" if on_gpu else " (this is a CPU run)")
               + " - shown as n/a, no number is made up.")
 
-    header = (f"{'kernel':<17} {'shape':<32} {'impl':<8} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} "
-              f"{'%peak':>6} {'extra MB':>9} {'x eager':>8} {'x compile':>9} {'max abs err':>11}")
+    header = (f"{'kernel':<17} {'shape':<26} {'impl':<11} {'e2e ms':>9} {'p20-p80 ms':>17} {'kernel ms':>9} "
+              f"{'launch':>6} {'%peak':>6} {'x roof':>7} {'x eager':>7} {'x comp':>7} {'max abs err':>11}")
     print(header)
     print("-" * len(header))
-    results = []
+    rows, roofs, targets = [], [], []
     for make_case in build_cases(quick, args.device):
         case = make_case()
-        for r in run_case(case, args.device, triton_ok):
-            r.update(kernel=case["name"], shape=case["shape"], bytes=case["bytes"])
-            r["pct_peak"] = 100 * r["gbps"] / peak if peak and "gbps" in r else None
-            results.append(r)
+        case_rows, roof = run_case(case, args.device, triton_ok, spec)
+        rows += case_rows
+        if roof:
+            roofs.append(dict(roof, kernel=case["name"], shape=case["shape"]))
+        for r in case_rows:
             if "error" in r:
-                print(f"{case['name']:<17} {case['shape']:<32} {r['impl']:<8} n/a: {r['error']}")
+                print(f"{case['name']:<17} {case['shape']:<26} {r['impl']:<11} n/a: {r['error']}")
                 continue
-            print(f"{case['name']:<17} {case['shape']:<32} {r['impl']:<8} {r['ms']:>10.4f} "
-                  f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gbps']:>8.2f} {fmt(r['pct_peak'], '.1f'):>6} "
-                  f"{fmt(r['extra_mb'], '.1f', 'n/a'):>9} {fmt(r['speedup_vs_eager'], '.2f'):>8} "
-                  f"{fmt(r['speedup_vs_compile'], '.2f'):>9} {r['max_abs_err']:>11.2e}")
+            print(f"{case['name']:<17} {case['shape']:<26} {r['impl']:<11} {r['ms']:>9.4f} "
+                  f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {fmt(r['kernel_ms'], '.4f'):>9} {fmt(r['launches'], 'd'):>6} "
+                  f"{fmt(r['pct_peak'], '.1f'):>6} {fmt(r['x_roofline'], '.1f'):>7} {fmt(r['speedup_vs_eager'], '.2f'):>7} "
+                  f"{fmt(r['speedup_vs_compile'], '.2f'):>7} {r['max_abs_err']:>11.2e}")
+        if roof:
+            print(f"{'':<17} {'':<26} {'roofline':<11} {roof['us'] / 1e3:>9.4f}  ({roof['gpu']}: "
+                  f"{roof['bytes'] / 1e6:.4g} MB, {roof['flops'] / 1e9:.4g} GFLOP, {roof['bound']}-bound)")
+        verdict = judge(case, case_rows, on_gpu)
+        if verdict:
+            targets.append(verdict)
         del case
-        if args.device == "cuda":
+        if on_gpu:
             torch.cuda.empty_cache()
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"pool_sim-{slug(name)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=name, torch=torch.__version__, preset="quick" if quick else "grace", peak_gbps=peak,
-                cpu_threads=torch.get_num_threads(), load_avg_at_start=load,
-                timing="triton.testing.do_bench" if args.device == "cuda" else "time.perf_counter, 2 warm-up + 15 runs",
-                extra_mb="torch.cuda.max_memory_allocated delta" if args.device == "cuda" else "n/a on CPU")
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    if quick:  # the GRACE shapes were not measured: show their limits (on this GPU, or the reference ones)
+        roofs = print_roofline_table([name] if spec else ROOFLINE_GPUS)
+        for t in ("masked_mean_pool", "grace_reward", "group_advantage"):
+            if not any(v["kernel"] == t for v in targets):
+                targets.append(dict(kernel=t, result="n/a", why="the GRACE shapes were not measured on a GPU"))
+    print("\ntargets (issue #14):")
+    for t in targets:
+        print(f"  {t['kernel']:<17} {t.get('shape', ''):<26} {t['result']}"
+              + (f"  {t['checks']}" if "checks" in t else f"  ({t['why']})"))
+
+    meta = dict(preset="quick" if quick else "grace", gpu_spec=spec,
+                timing=("e2e: triton.testing.do_bench; kernel: do_bench_cudagraph (CUDA events around graph replays)"
+                        if on_gpu else "e2e: time.perf_counter, 2 warm-up + 15 runs; kernel: n/a on CPU"),
+                extra_mb="torch.cuda.max_memory_allocated delta" if on_gpu else "n/a on CPU")
+    out = write_json("pool_sim", args.device, meta, dict(rows=rows, roofline=roofs, targets=targets), args.out)
     print(f"wrote {out}")
 
 

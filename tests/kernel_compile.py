@@ -1,5 +1,6 @@
-"""Shared by the kernel tests: compile Triton kernels for sm_90 without a GPU, exactly as the launcher would
-(and spy_guard, to see which device a launch is guarded with).
+"""Shared by the kernel tests: compile Triton kernels for sm_90 without a GPU, exactly as the launcher would;
+DEVICE, where the tests put their tensors (MINIGRACE_TEST_DEVICE, default cpu: the interpreter; cuda: the
+compiled kernels); spy_guard, to see which device a launch is guarded with.
 
 The test process runs Triton's interpreter, so each compile runs in a subprocess without TRITON_INTERPRET.
 Arguments go through the launcher's own specialization (triton's binder): sizes and strides divisible by
@@ -14,6 +15,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+DEVICE = torch.device(os.environ.get("MINIGRACE_TEST_DEVICE", "cpu"))
 
 _SCRIPT = r"""
 import importlib, json, re, subprocess, sys, tempfile

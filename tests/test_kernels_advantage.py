@@ -2,7 +2,7 @@
 import importlib
 
 import pytest
-from kernel_compile import assert_no_spills, compile_for_sm90, spy_guard
+from kernel_compile import DEVICE, assert_no_spills, compile_for_sm90, spy_guard
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -22,17 +22,17 @@ def backend(request, monkeypatch):
 def test_hand_computed(backend):
     # group 0: [1, 2, 3] mean 2 -> [-1, 0, 1]; unbiased std = sqrt((1 + 0 + 1) / 2) = 1
     # group 1: [5, 5, 5] all equal -> 0
-    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
-    torch.testing.assert_close(group_advantage(rewards, 3), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0], device=DEVICE)
+    torch.testing.assert_close(group_advantage(rewards, 3).cpu(), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
     eps = 1e-6
     scaled = group_advantage(rewards, 3, scale_std=True, eps=eps)
-    torch.testing.assert_close(scaled, torch.tensor([-1 / (1 + eps), 0.0, 1 / (1 + eps), 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(scaled.cpu(), torch.tensor([-1 / (1 + eps), 0.0, 1 / (1 + eps), 0.0, 0.0, 0.0]))
 
 
 def test_all_equal_group_is_exactly_zero(backend):
     # fp32 means of seven 0.1s or seven 0.7s are not exactly 0.1 / 0.7 (sequential and pairwise sums both
     # round), so r - mean alone would give ~1e-8, not 0
-    rewards = torch.cat([torch.full((7,), 0.1), torch.full((7,), 0.7), torch.tensor([0.0, 1, 2, 3, 4, 5, 7])])
+    rewards = torch.cat([torch.full((7,), 0.1), torch.full((7,), 0.7), torch.tensor([0.0, 1, 2, 3, 4, 5, 7])]).to(DEVICE)
     for scale_std in (False, True):
         adv, stats = group_advantage(rewards, 7, scale_std=scale_std, return_stats=True)
         assert (adv[:14] == 0.0).all()
@@ -41,7 +41,7 @@ def test_all_equal_group_is_exactly_zero(backend):
 
 
 def test_group_of_one_is_zero(backend):
-    rewards = torch.tensor([3.0, -1.0, 2.0])
+    rewards = torch.tensor([3.0, -1.0, 2.0], device=DEVICE)
     for scale_std in (False, True):
         assert (group_advantage(rewards, 1, scale_std=scale_std) == 0).all()
 
@@ -49,7 +49,7 @@ def test_group_of_one_is_zero(backend):
 def loop_reference(rewards, G, scale_std, eps):
     """An independent per-group loop with torch.mean / torch.std in fp64."""
     out = []
-    for r in rewards.double().split(G):
+    for r in rewards.cpu().double().split(G):
         adv = r - r.mean()
         if scale_std:
             adv = adv / (r.std() + eps) if G > 1 else torch.zeros_like(r)
@@ -60,22 +60,22 @@ def loop_reference(rewards, G, scale_std, eps):
 @pytest.mark.parametrize("G", [1, 2, 5, 8, 16, 64])
 @pytest.mark.parametrize("scale_std", [False, True])
 def test_matches_loop_reference(backend, G, scale_std):
-    rewards = torch.randn(3 * G, generator=torch.Generator().manual_seed(G)) * 3
-    torch.testing.assert_close(group_advantage(rewards, G, scale_std=scale_std),
+    rewards = (torch.randn(3 * G, generator=torch.Generator().manual_seed(G)) * 3).to(DEVICE)
+    torch.testing.assert_close(group_advantage(rewards, G, scale_std=scale_std).cpu(),
                                loop_reference(rewards, G, scale_std, 1e-6), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(backend, dtype):
-    rewards = (torch.randn(12, generator=torch.Generator().manual_seed(1)) * 5).to(dtype)
+    rewards = (torch.randn(12, generator=torch.Generator().manual_seed(1)) * 5).to(dtype).to(DEVICE)
     adv = group_advantage(rewards, 4, scale_std=True)
     assert adv.dtype == torch.float32 and adv.shape == (12,)
     expected = loop_reference(rewards.float(), 4, True, 1e-6)  # exact on the rounded inputs
-    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adv.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_strided_rewards(backend):
-    table = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    table = torch.randn(8, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     rewards = table[:, 1]  # stride 3
     torch.testing.assert_close(group_advantage(rewards, 4), group_advantage_reference(rewards.contiguous(), 4))
 
@@ -83,21 +83,21 @@ def test_strided_rewards(backend):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_group_gets_nan_and_is_counted(backend, bad_value):
-    rewards = torch.randn(12, generator=torch.Generator().manual_seed(5))
+    rewards = torch.randn(12, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     rewards[7] = bad_value  # group 1 of groups of 4
     rewards[10] = rewards[11] = bad_value  # group 2
     for scale_std in (False, True):
         adv, stats = group_advantage(rewards, 4, scale_std=scale_std, return_stats=True)
         assert torch.isnan(adv[4:]).all()  # every member of a bad group, not only the bad reward
-        torch.testing.assert_close(adv[:4], loop_reference(rewards[:4], 4, scale_std, 1e-6), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adv[:4].cpu(), loop_reference(rewards[:4], 4, scale_std, 1e-6), atol=1e-5, rtol=1e-5)
         assert stats.tolist() == [0, 3]  # a bad group never counts as all-equal, even [inf, inf]
 
 
 def test_compute_advantages_reads_the_stats(backend):
-    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0])
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0], device=DEVICE)
     adv, frac_zero = compute_advantages(rewards, 3, scale_std=False)
     assert frac_zero == 0.5 and isinstance(frac_zero, float)
-    torch.testing.assert_close(adv, loop_reference(rewards, 3, False, 1e-6))
+    torch.testing.assert_close(adv.cpu(), loop_reference(rewards, 3, False, 1e-6))
     rewards[4] = float("nan")
     with pytest.raises(ValueError, match="1 non-finite"):
         compute_advantages(rewards, 3, scale_std=True)
@@ -106,7 +106,7 @@ def test_compute_advantages_reads_the_stats(backend):
 def test_launch_is_guarded_with_the_rewards_device(monkeypatch):
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
     seen = spy_guard(monkeypatch, group_advantage_module)
-    rewards = torch.randn(6)
+    rewards = torch.randn(6, device=DEVICE)
     group_advantage(rewards, 3)
     assert seen == [rewards.device]
 
@@ -126,7 +126,7 @@ def test_argument_errors(backend):
        seed=st.integers(0, 2**16))
 def test_property_triton_matches_reference(monkeypatch, P, G, scale_std, shift, seed):
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
-    rewards = torch.randn(P * G, generator=torch.Generator().manual_seed(seed))
+    rewards = torch.randn(P * G, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     adv, stats = group_advantage(rewards, G, scale_std=scale_std, return_stats=True)
     ref, ref_stats = group_advantage_reference(rewards, G, scale_std=scale_std, return_stats=True)
     torch.testing.assert_close(adv, ref)

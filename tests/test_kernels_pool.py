@@ -2,14 +2,14 @@
 from types import SimpleNamespace
 
 import pytest
-from kernel_compile import assert_no_spills, compile_for_sm90, spy_guard
+from kernel_compile import DEVICE, assert_no_spills, compile_for_sm90, spy_guard
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minigrace.kernels.pool as pool
 from minigrace.kernels import (kernel_backend, masked_mean_pool, masked_mean_pool_reference, masked_mean_pool_span,
                                span_mask)
-from minigrace.kernels.dispatch import device_guard
+from minigrace.kernels.dispatch import INTERPRET, device_guard
 
 BACKENDS = ["torch", "triton"]
 TOL = dict(atol=1e-6, rtol=1e-5)  # both paths accumulate in fp32 and return fp32: only the summation order differs
@@ -29,7 +29,7 @@ def random_case(N, T, H, dtype=torch.float32, mask_kind="bool", seed=0):
     if N > 2:
         mask[1] = False  # an all-masked row
     mask = {"bool": mask, "int": mask.long(), "float": mask.float()}[mask_kind]
-    return hidden, mask
+    return hidden.to(DEVICE), mask.to(DEVICE)
 
 
 def test_kernel_backend_selection(monkeypatch):
@@ -39,7 +39,11 @@ def test_kernel_backend_selection(monkeypatch):
     monkeypatch.setenv("MINIGRACE_KERNELS", "torch")
     assert kernel_backend(x) == "torch"
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
-    assert kernel_backend(x) == "triton"  # conftest set TRITON_INTERPRET=1
+    if INTERPRET:  # conftest set TRITON_INTERPRET=1 (on CPU)
+        assert kernel_backend(x) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            kernel_backend(x)
     monkeypatch.setenv("MINIGRACE_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="MINIGRACE_KERNELS"):
         kernel_backend(x)
@@ -58,7 +62,7 @@ def test_launches_are_guarded_with_the_hidden_device(monkeypatch):
     seen = spy_guard(monkeypatch, pool)
     hidden, mask = random_case(2, 5, 8)
     masked_mean_pool(hidden, mask)
-    masked_mean_pool_span(hidden, torch.tensor([0, 1]), torch.tensor([3, 5]))
+    masked_mean_pool_span(hidden, torch.tensor([0, 1], device=DEVICE), torch.tensor([3, 5], device=DEVICE))
     assert seen == [hidden.device, hidden.device]
 
 
@@ -66,13 +70,13 @@ def test_known_values(backend):
     # row 0: mean of (1, 0) and (3, 4) = (2, 2); (100, 100) is masked out -> normalized (1/sqrt2, 1/sqrt2)
     # row 1: all masked -> zeros (not NaN)
     hidden = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]],
-                           [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]]).bfloat16()
-    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+                           [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]], device=DEVICE).bfloat16()
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], device=DEVICE)
     s = 2 ** -0.5
     out = masked_mean_pool(hidden, mask)
     assert out.dtype == torch.float32  # fp32 whatever the hidden dtype: the reward sees unrounded embeddings
-    torch.testing.assert_close(out, torch.tensor([[s, s], [0.0, 0.0]]))
-    torch.testing.assert_close(masked_mean_pool(hidden, mask, normalize=False), torch.tensor([[2.0, 2.0], [0.0, 0.0]]))
+    torch.testing.assert_close(out.cpu(), torch.tensor([[s, s], [0.0, 0.0]]))
+    torch.testing.assert_close(masked_mean_pool(hidden, mask, normalize=False).cpu(), torch.tensor([[2.0, 2.0], [0.0, 0.0]]))
 
 
 @pytest.mark.parametrize("N,T,H", [(1, 1, 1), (3, 7, 37), (4, 19, 300), (3, 70, 5)])  # > one H block, > one T tile
@@ -100,6 +104,7 @@ def test_contiguous_rows_holes_and_edges(backend):
     mask[4, 3:20] = True
     mask[4, 9] = False  # one hole
     mask[5, 0] = True  # one token at the start
+    hidden, mask = hidden.to(DEVICE), mask.to(DEVICE)
     torch.testing.assert_close(masked_mean_pool(hidden, mask), masked_mean_pool_reference(hidden, mask), **TOL)
 
 
@@ -119,19 +124,21 @@ def test_noncontiguous_hidden(backend):
 def test_token_offsets_past_int32(backend):
     # t * stride_t = 2 * 2**30 elements: wraps in int32. A 4 GiB storage is only reserved (torch.empty does not
     # touch it); the few positions the view covers are written, and only those pages become memory.
-    storage = torch.empty(2**31 + 64, dtype=torch.float16)
+    storage = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
     hidden = storage.as_strided((2, 3, 8), (8, 2**30, 1))  # [N=2, T=3, H=8]
     hidden.copy_(torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(4)).half())
-    mask = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1]], device=DEVICE)
     expected = masked_mean_pool_reference(hidden.clone(), mask)
     torch.testing.assert_close(masked_mean_pool(hidden, mask), expected, **TOL)
-    torch.testing.assert_close(masked_mean_pool_span(hidden, torch.tensor([2, 1]), torch.tensor([3, 3])),
-                               masked_mean_pool_reference(hidden.clone(), torch.tensor([[0, 0, 1], [0, 1, 1]])), **TOL)
+    start, end = torch.tensor([2, 1], device=DEVICE), torch.tensor([3, 3], device=DEVICE)
+    torch.testing.assert_close(masked_mean_pool_span(hidden, start, end),
+                               masked_mean_pool_reference(hidden.clone(), span_mask(start, end, 3)), **TOL)
 
 
 def test_span_equals_mask(backend):
     hidden, _ = random_case(5, 9, 5, torch.bfloat16)
-    start, end = torch.tensor([0, 4, 6, -3, 7]), torch.tensor([3, 9, 6, 2, 20])  # an empty span; spans past the edges
+    start, end = torch.tensor([0, 4, 6, -3, 7], device=DEVICE), torch.tensor([3, 9, 6, 2, 20], device=DEVICE)  # an empty span,
+    # spans past the edges
     for normalize in (True, False):
         out = masked_mean_pool_span(hidden, start, end, normalize=normalize)
         assert out.dtype == torch.float32
@@ -177,7 +184,7 @@ def test_property_triton_matches_reference_and_ignores_padding(monkeypatch, N, T
     garbage = hidden.masked_fill(~mask[:, :, None], 1e4)  # change only the masked-out positions
     torch.testing.assert_close(masked_mean_pool(garbage, mask), out, **TOL)
     nonempty = mask.any(1)
-    torch.testing.assert_close(out[nonempty].norm(dim=1), torch.ones(int(nonempty.sum())))
+    torch.testing.assert_close(out[nonempty].norm(dim=1).cpu(), torch.ones(int(nonempty.sum())))
     assert (out[~nonempty] == 0).all()
 
 

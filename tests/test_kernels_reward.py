@@ -2,7 +2,7 @@
 import math
 
 import pytest
-from kernel_compile import assert_no_spills, compile_for_sm90, spy_guard
+from kernel_compile import DEVICE, assert_no_spills, compile_for_sm90, spy_guard
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -23,9 +23,9 @@ def backend(request, monkeypatch):
 #   queries: q0 = (2, 0) -> (1, 0);  q1 = (0, 3) -> (0, 1)
 #   negatives: n0 = (1, 1) -> (s, s);  n1 = (2, -2) -> (s, -s)
 S = 2 ** -0.5
-DOCS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 4.0], [0.0, -2.0], [-1.0, 0.0]])
-QUERIES = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
-NEGATIVES = torch.tensor([[1.0, 1.0], [2.0, -2.0]])
+DOCS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 4.0], [0.0, -2.0], [-1.0, 0.0]], device=DEVICE)
+QUERIES = torch.tensor([[2.0, 0.0], [0.0, 3.0]], device=DEVICE)
+NEGATIVES = torch.tensor([[1.0, 1.0], [2.0, -2.0]], device=DEVICE)
 TAU = 0.5
 HAND = {
     # cos(q_g, d_i): q0.(1,0)=1, q0.(0,1)=0, q0.(s,s)=s | q1.(.6,.8)=.8, q1.(0,-1)=-1, q1.(-1,0)=0
@@ -48,7 +48,7 @@ HAND_UNSUP_CROSS = [0.0, -1.0, -S, -0.6, 0.0, 1.0]
 
 
 def hand_total(parts, w, tau):
-    t = lambda name: torch.tensor(parts[name])
+    t = lambda name: torch.tensor(parts[name], device=DEVICE)
     return ((w.positive * t("positive") + w.negative * t("negative") + w.consistency * t("consistency")
              + w.cross_group * t("cross_group")) / tau + w.discriminative * t("discriminative"))
 
@@ -60,7 +60,7 @@ def test_hand_computed_supervised(backend, query_per_rollout):
     total, parts = grace_reward(DOCS, queries, NEGATIVES, 3, TAU, w)
     assert set(parts) == set(REWARD_COMPONENTS)
     for name in REWARD_COMPONENTS:
-        torch.testing.assert_close(parts[name], torch.tensor(HAND[name]), msg=name)
+        torch.testing.assert_close(parts[name].cpu(), torch.tensor(HAND[name]), msg=name)
     torch.testing.assert_close(total, hand_total(HAND, w, TAU))
 
 
@@ -69,7 +69,7 @@ def test_hand_computed_unsupervised(backend):
     total, parts = grace_reward(DOCS, QUERIES, NEGATIVES, 3, TAU, w, mode="unsupervised")
     expected = dict(HAND, negative=[0.0] * 6, cross_group=HAND_UNSUP_CROSS)  # negatives ignored unsupervised
     for name in REWARD_COMPONENTS:
-        torch.testing.assert_close(parts[name], torch.tensor(expected[name]), msg=name)
+        torch.testing.assert_close(parts[name].cpu(), torch.tensor(expected[name]), msg=name)
     torch.testing.assert_close(total, hand_total(expected, w, TAU))
 
 
@@ -79,7 +79,7 @@ def test_degenerate_groups(backend):
     assert (parts["consistency"] == 0).all() and (parts["negative"] == 0).all()
     _, parts = grace_reward(DOCS[:3], QUERIES[:1], NEGATIVES[:1], 3, TAU, RewardWeights(discriminative=1.0))
     assert (parts["cross_group"] == 0).all() and (parts["discriminative"] == 0).all()
-    torch.testing.assert_close(parts["consistency"], torch.tensor(HAND["consistency"][:3]))
+    torch.testing.assert_close(parts["consistency"].cpu(), torch.tensor(HAND["consistency"][:3]))
 
 
 # ----------------------------------------------------------------------------- Triton vs reference
@@ -88,7 +88,7 @@ def random_embeddings(P, G, H, dtype=torch.float32, query_rows="group", seed=0):
     docs = torch.randn(P * G, H, generator=g).to(dtype)
     queries = torch.randn(P * G if query_rows == "rollout" else P, H, generator=g).to(dtype)
     negatives = torch.randn(P, H, generator=g).to(dtype)
-    return docs, queries, negatives
+    return docs.to(DEVICE), queries.to(DEVICE), negatives.to(DEVICE)
 
 
 def assert_matches_reference(docs, queries, neg, G, mode, w=RewardWeights(discriminative=0.3), tau=0.1):
