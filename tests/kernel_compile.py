@@ -63,8 +63,9 @@ for module, name, args, options, label in json.loads(sys.stdin.read()):
     fn = obj.fn if isinstance(obj, Autotuner) else obj
     for config in configs:
         extra = {} if config is None else dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        usage = compile_one(fn, {**args, **{k: v for k, v in extra.items() if k in fn.arg_names}},
-                            {**options, **{k: v for k, v in extra.items() if k not in fn.arg_names}})
+        given = {**args, **options, **extra}  # kernel arguments and launch options (num_warps, ...), as at launch
+        usage = compile_one(fn, {k: v for k, v in given.items() if k in fn.arg_names},
+                            {k: v for k, v in given.items() if k not in fn.arg_names})
         results.append(dict(label=label, kernel=name, config=extra, **usage))
 print("RESULTS:" + json.dumps(results))
 """

@@ -120,6 +120,17 @@ def test_triton_matches_reference(monkeypatch, P, G, H, mode):
         assert parts["cross_group"].abs().max() > 1e-3 and parts["discriminative"].abs().max() > 1e-3
 
 
+def test_blocks_of_32_rollouts(monkeypatch):
+    # past LARGE_N rollouts a program takes 32 rows (row blocks then split groups of 5 and hold 2 of 16)
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    monkeypatch.setattr(cosine_reward, "LARGE_N", 0)
+    assert cosine_reward._reward_blocks(40, 5, torch.float32)["BLOCK_M"] == 32
+    for P, G, H in [(8, 5, 7), (3, 16, 20)]:
+        docs, queries, negatives = random_embeddings(P, G, H, query_rows="rollout", seed=G)
+        for mode in ("supervised", "unsupervised"):
+            assert_matches_reference(docs, queries, negatives, G, mode)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("P,G,H", [(3, 4, 40), (2, 16, 33)])
 def test_half_inputs(backend, dtype, P, G, H):
@@ -170,13 +181,15 @@ def test_property_triton_matches_reference_and_scale_invariance(monkeypatch, P, 
 
 
 def test_triton_kernel_compiles_for_gpu():
-    # GRACE's P = 64 groups; G up to 64 and H up to 4096, fp32 (what the trainer passes) and bf16 inputs, with
-    # the launcher's tile sizes: no spills, and the similarities on tensor cores (mma)
+    # GRACE's P = 64 groups; G up to MAX_GROUP and H up to 4096, fp32 (what the trainer passes) and bf16 inputs,
+    # with the launcher's tile sizes and warps: no spills, and the similarities on tensor cores (mma)
     builds = []
     for G, H, dtype, supervised, per_rollout in [(8, 1536, torch.float32, True, False),
                                                  (8, 1536, torch.bfloat16, True, False),
                                                  (64, 4096, torch.float32, True, True),
-                                                 (64, 4096, torch.bfloat16, False, False)]:
+                                                 (64, 4096, torch.bfloat16, False, False),
+                                                 (3, 1537, torch.float32, True, True),  # odd H: no vector loads
+                                                 (128, 1536, torch.float32, True, False)]:  # MAX_GROUP
         ptr = "*fp32" if dtype == torch.float32 else "*bf16"
         args = dict(doc_ptr=ptr, query_ptr=ptr, neg_ptr=ptr if supervised else None, out_ptr="*fp32", N=64 * G, P=64,
                     G=G, H=H, inv_tau=10.0, w_pos=1.0, w_neg=1.0, w_cons=0.2, w_cross=0.2, w_disc=0.1,
