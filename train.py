@@ -1,9 +1,10 @@
 """Train an instruct LLM as a text encoder with GRACE.
 
-    python train.py                          # built-in tiny model + data, CPU, a few minutes
-    python train.py --model qwen2.5-1.5b     # a GRACE backbone with GRACE's settings (GPU)
+    python train.py                                      # built-in tiny model + data, CPU, a few minutes
+    python train.py --model qwen2.5-1.5b --recipe grace  # GRACE's training exactly, on one 80 GB GPU
+    python train.py --model qwen2.5-1.5b                 # the same with minigrace's reward, penalty, held-out eval
     python train.py --data my.jsonl --mode supervised --max-steps 200 --out runs/mine
-    python train.py --help                   # every option with its default
+    python train.py --help                               # every option with the default it takes, recipes, presets
 """
 import sys
 

@@ -282,12 +282,14 @@ def _help_epilog() -> str:
                         f"  {'':<14}why: {PRESET_WHY[name]}" for name, values in PRESETS.items())
     return f"""recipes (--recipe; both keep GRACE's τ 0.1, weights 0.2/0.2, clip 0.2, dual clip 3, KL 0):
 {table}
-  why minigrace's choices (README "Recipes" has the runs):
+  why minigrace's choices (tiny model, 80 steps, seed 0, each flag alone; README "Recipes"):
     reward: GRACE's negative and cross-group terms are constant within a group and cancel in the
-      advantage; what is left rewards alike embeddings. Tiny model, 60 steps: rationales naming the
-      true topic 0.46 -> 0.02, cosine between different texts 0.86 -> 0.99 (collapse).
-    length penalty: with negative totals (InfoNCE always), a constant -1 rewards never stopping:
-      the tiny model ran every rationale to the length limit within 10 steps.
+      advantage; what is left rewards alike embeddings. Held-out nDCG@10 0.079 -> 0.215 (contrastive)
+      vs 0.171 (grace); rationales naming the true topic 0.17 -> 0.84 vs 0.50; cosine between
+      different texts 0.84 -> 0.80 vs 0.85 -> 0.85.
+    length penalty: with negative totals (InfoNCE always), a constant -1 rewards never stopping. At
+      --max-new-tokens 8, rationales cut at the limit (first 10 steps -> last 10): 10% -> 67% with
+      constant, 7% -> 0% with relative.
     held-out split: the reward can rise while embeddings collapse; held-out retrieval before and
       after training is the proof of learning.
 
