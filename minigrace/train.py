@@ -7,6 +7,7 @@ Under torchrun every rank runs this; rank 0 logs and writes (parallel.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from . import lora, parallel
-from .checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, rng_state, save_checkpoint,
-                         set_rng_state, write_json)
+from .checkpoint import (CheckpointError, claim_run_dir, load_trainer_state, prune_checkpoints, resume_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state, write_json)
 from .config import GraceConfig, resume_conflicts
 from .data import Example, PromptBatches, load_examples, split_heldout
 from .eval import MtebEncoder, heldout_retrieval, load_tasks, run_tasks
@@ -46,12 +47,13 @@ def main(cfg: GraceConfig, resume: str = "", reward_fn=compute_rewards) -> dict:
     ranks = parallel.setup(cfg.device)
     quiet_transformers()
     try:
-        run = start_run(cfg, resume, ranks)
-        with StopOnSignal(ranks.is_main) as stop:
-            train_seconds, reward_means = train_loop(run, reward_fn, stop)
-        if stop.requested and run.step < run.total_steps:
-            return stop_early(run)
-        return finish(run, train_seconds, reward_means)
+        with open_run_dir(cfg, resume, ranks) as (out_dir, resume_from):  # locked until the run ends (issue #16)
+            run = start_run(cfg, ranks, out_dir, resume_from)
+            with StopOnSignal(ranks.is_main) as stop:
+                train_seconds, reward_means = train_loop(run, reward_fn, stop)
+            if stop.requested and run.step < run.total_steps:
+                return stop_early(run)
+            return finish(run, train_seconds, reward_means)
     finally:
         parallel.teardown(ranks)
 
@@ -89,9 +91,9 @@ class Run:
     log: "RunLog | None" = None  # rank 0 only
 
 
-def start_run(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> Run:
-    """The run directory, data, policy and optimizer; restored from the newest checkpoint on --resume."""
-    out_dir, resume_from, state = open_run_dir(cfg, resume, ranks)
+def start_run(cfg: GraceConfig, ranks: parallel.Ranks, out_dir: str, resume_from: str | None) -> Run:
+    """Data, policy and optimizer in `out_dir`; restored from `resume_from` (a checkpoint) on --resume."""
+    state = resume_state(cfg, out_dir, resume_from) if resume_from else None
     if cfg.batch_size % ranks.world or cfg.mini_batch_size % ranks.world:
         raise ValueError(f"--batch-size ({cfg.batch_size}) and --mini-batch-size ({cfg.mini_batch_size}) must be "
                          f"multiples of the number of processes ({ranks.world}): each rank takes an equal share")
@@ -121,24 +123,40 @@ def start_run(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> Run:
     return run
 
 
-def open_run_dir(cfg: GraceConfig, resume: str, ranks: parallel.Ranks) -> tuple[str, str | None, dict | None]:
-    """(run directory, checkpoint to resume from or None, its trainer state or None)."""
-    if not resume:
-        out_dir = ranks.broadcast(cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
-        if ranks.is_main:
-            os.makedirs(out_dir, exist_ok=True)
-            if not os.access(out_dir, os.W_OK):
-                raise PermissionError(f"--out {out_dir}: not writable")
-        return out_dir, None, None
-    resume_from = latest_checkpoint(resume)
-    if resume_from is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint-NNNNNN directory in it")
-    state = load_trainer_state(resume_from)
+@contextlib.contextmanager
+def open_run_dir(cfg: GraceConfig, resume: str, ranks: parallel.Ranks):
+    """(run directory, checkpoint to resume from or None), the directory locked while the run lasts.
+
+    Rank 0 claims it (checkpoint.claim_run_dir: refused while another training holds it, or when it
+    holds a run and this is neither --resume nor --overwrite) and on --resume picks the newest
+    checkpoint that verifies (checkpoint.resume_checkpoint); every rank gets the outcome, so a refusal
+    stops all of them."""
+    out_dir = resume or ranks.broadcast(cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    lock, resume_from, refused = None, None, None
+    if ranks.is_main:
+        try:
+            lock = claim_run_dir(out_dir, overwrite=cfg.overwrite and not resume, resuming=bool(resume))
+            resume_from = resume_checkpoint(out_dir) if resume else None
+        except (CheckpointError, OSError) as e:
+            refused = e
+    resume_from, refused = ranks.broadcast((resume_from, refused))
+    try:
+        if refused is not None:
+            raise refused
+        yield out_dir, resume_from
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def resume_state(cfg: GraceConfig, run_dir: str, checkpoint_dir: str) -> dict:
+    """The checkpoint's trainer state, if it was trained with the same settings as `cfg`."""
+    state = load_trainer_state(checkpoint_dir)
     conflicts = resume_conflicts(state["config"], cfg.to_dict())
     if conflicts:
-        raise ValueError(f"--resume {resume}: the checkpoint was trained with a different config: "
+        raise ValueError(f"--resume {run_dir}: the checkpoint was trained with a different config: "
                          f"{', '.join(conflicts)}")
-    return resume, resume_from, state
+    return state
 
 
 def load_data(cfg: GraceConfig, out_dir: str, write_rejects: bool = True
@@ -327,14 +345,20 @@ def stop_bad_steps(run: Run, row: dict, bad_in_a_row: int) -> None:
 def checkpoint(run: Run, name: str, final: bool = False) -> str:
     """Every rank gathers the full state (a collective under FSDP); rank 0 writes it."""
     weights, optimizer_state = parallel.full_state_dicts(run.policy.model, run.optimizer)
-    path = os.path.join(run.out_dir, name)
+    path, failed = os.path.join(run.out_dir, name), None
     if run.policy.ranks.is_main:  # everything needed to continue exactly, on any number of processes
         state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "batches": run.batches.state_dict(), "rng": rng_state(), "generator": run.generator.get_state(),
                  "step": run.step, "skipped_steps": run.skipped_steps, "config": run.cfg.to_dict(),
                  "eval_before": run.eval_before}
-        save_checkpoint(path, run.policy.module, run.policy.tokenizer, state, state_dict=weights,
-                        merge_adapter=final and run.policy.lora)
+        try:
+            save_checkpoint(path, run.policy.module, run.policy.tokenizer, state, state_dict=weights,
+                            merge_adapter=final and run.policy.lora)
+        except CheckpointError as e:  # e.g. DiskFullError: every rank stops, not only rank 0 (issue #16)
+            failed = e
+    failed = run.policy.ranks.broadcast(failed)
+    if failed is not None:
+        raise failed
     return path
 
 
