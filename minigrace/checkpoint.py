@@ -215,7 +215,8 @@ def verify_checkpoint(path: str, trainer_state: str = "load") -> None:
         with open(os.path.join(path, MANIFEST)) as fh:
             manifest = json.load(fh)
     except (OSError, ValueError) as e:
-        raise CorruptCheckpoint(f"{path}: no readable {MANIFEST} ({_first_line(e)}): not a complete checkpoint") from None
+        raise CorruptCheckpoint(f"{path}: no readable {MANIFEST} ({_first_line(e)}): not a complete "
+                                f"checkpoint") from None
     for name, expected in manifest.items():
         if name == STATE_FILE and trainer_state == "skip":
             continue
@@ -357,7 +358,7 @@ class RunLock:
         self.fh.seek(0)
         previous = self.fh.read().strip()
         if previous:
-            print(f"{run_dir}: taking over the lock of a training that is no longer running ({previous})")
+            print(f"{run_dir}: taking over {LOCK_FILE}, left by a training that no longer holds it ({previous})")
         self.fh.truncate(0)
         self.fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self.fh.flush()
