@@ -93,6 +93,8 @@ def test_task_data_is_graded_from_the_structure():
     of = {r["positive"]: r for r in rows}
     item_of_query = {r["query"]: r for r in rows}
     assert len(of) == len(item_of_query) == len(rows)  # unique texts: every pair's grade is well defined
+    sections = {(r["source"], r["section"]) for r in rows}
+    assert {(r["source"], r["section"]) for r in rows[:len(sections)]} == sections  # rows come in rounds
     pairs = realtext_sts_pairs(rows)
     assert len(pairs) == 3 * len(rows) and sorted({s for _, _, s in pairs}) == [0, 1, 2]
     for query, text, score in pairs:

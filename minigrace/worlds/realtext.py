@@ -454,8 +454,8 @@ def build(out_dir: str, debian: list[Item], python: list[Item], *, seed: int = 0
         rows["texts"] += [{"source": i.source, "section": i.section, "item": i.item, "text": i.text}
                           for i in balanced_take(rest, n_texts, seed, "texts")]
     selection, clustered = heldout_selection(heldout, plan, seed)
-    rows["heldout"] = [{**row, "cluster": (row["source"], row["section"]) in clustered}
-                       for row in triple_rows(selection, selection, seed)]
+    rows["heldout"] = round_robin([{**row, "cluster": (row["source"], row["section"]) in clustered}
+                                   for row in triple_rows(selection, selection, seed)])
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     for split, split_rows in rows.items():
@@ -471,6 +471,18 @@ def build(out_dir: str, debian: list[Item], python: list[Item], *, seed: int = 0
     }
     write_atomic(os.path.join(out_dir, FILES["meta"]), json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     return meta
+
+
+def round_robin(rows: list[dict]) -> list[dict]:
+    """Rows in rounds: every section's first row, then every section's second, ... so that any prefix
+    (the trainer evaluates the first --eval-size held-out rows) spans all sections."""
+    place: dict[tuple[str, str], int] = {}
+    keyed = []
+    for index, row in enumerate(rows):
+        key = (row["source"], row["section"])
+        place[key] = place.get(key, -1) + 1
+        keyed.append((place[key], index, row))
+    return [row for _, _, row in sorted(keyed, key=lambda t: t[:2])]
 
 
 def _count(rows: list[dict]) -> dict:
