@@ -243,7 +243,8 @@ def run_case(case, device, triton_ok, spec):
                     kernel_ms = time_kernel(fn) if on_gpu else None
                     row = dict(impl=impl, ms=median, p20_ms=p20, p80_ms=p80, kernel_ms=kernel_ms,
                                launches=count_launches(fn) if on_gpu else None,
-                               extra_mb=extra_memory_mb(fn) if on_gpu else None, max_abs_err=err, **(compile_info or {}))
+                               extra_mb=extra_memory_mb(fn) if on_gpu else None, max_abs_err=err)
+                    row.update(compile_info or {})
             except Exception as e:
                 rows.append(dict(impl=impl, error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
                 continue
@@ -348,9 +349,10 @@ def main():
                 print(f"{case['name']:<17} {case['shape']:<26} {r['impl']:<11} n/a: {r['error']}")
                 continue
             print(f"{case['name']:<17} {case['shape']:<26} {r['impl']:<11} {r['ms']:>9.4f} "
-                  f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {fmt(r['kernel_ms'], '.4f'):>9} {fmt(r['launches'], 'd'):>6} "
-                  f"{fmt(r['pct_peak'], '.1f'):>6} {fmt(r['x_roofline'], '.1f'):>7} {fmt(r['speedup_vs_eager'], '.2f'):>7} "
-                  f"{fmt(r['speedup_vs_compile'], '.2f'):>7} {r['max_abs_err']:>11.2e}")
+                  f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {fmt(r['kernel_ms'], '.4f'):>9} "
+                  f"{fmt(r['launches'], 'd'):>6} {fmt(r['pct_peak'], '.1f'):>6} {fmt(r['x_roofline'], '.1f'):>7} "
+                  f"{fmt(r['speedup_vs_eager'], '.2f'):>7} {fmt(r['speedup_vs_compile'], '.2f'):>7} "
+                  f"{r['max_abs_err']:>11.2e}")
         if roof:
             print(f"{'':<17} {'':<26} {'roofline':<11} {roof['us'] / 1e3:>9.4f}  ({roof['gpu']}: "
                   f"{roof['bytes'] / 1e6:.4g} MB, {roof['flops'] / 1e9:.4g} GFLOP, {roof['bound']}-bound)")

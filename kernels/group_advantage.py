@@ -63,7 +63,8 @@ def _group_advantage_kernel(
         std = tl.sqrt(tl.sum(adv * adv, axis=1) / tl.maximum(G - 1, 1))
         adv = adv * tl.where(G > 1, 1.0 / (std + eps), 0.0)[:, None]
     # min == max, not adv == 0: the fp32 mean of equal values need not equal them. (GPU min/max skip NaN.)
-    all_equal = finite & (tl.min(tl.where(ok, r, float("inf")), axis=1) == tl.max(tl.where(ok, r, -float("inf")), axis=1))
+    lo, hi = tl.min(tl.where(ok, r, float("inf")), axis=1), tl.max(tl.where(ok, r, -float("inf")), axis=1)
+    all_equal = finite & (lo == hi)
     adv = tl.where(all_equal[:, None], 0.0, tl.where(finite[:, None], adv, float("nan")))
     tl.store(adv_ptr + rows, adv, mask=ok)
     if stats_ptr is not None:

@@ -84,7 +84,7 @@ def _mean_pool_kernel(
         lo = tl.minimum(tl.maximum(tl.load(start_ptr + row).to(tl.int32), 0), hi)
         count = hi - lo
 
-    # 64-bit offsets: t * stride_ht passes 2**31 for a [T, N, H]-strided view at GRACE sizes
+    # 64-bit offsets: t * stride_ht passes 2**31 for a [T, N, H]-strided view (T = 2048, N = 512, H = 3072)
     row_ptr = hidden_ptr + row * stride_hn + offs_h.to(tl.int64)[None, :] * stride_hh  # [1, BLOCK_H]
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     # the loads of the next NUM_STAGES - 1 tiles are in flight while one tile is added. (The loop counts from 0:
@@ -92,8 +92,9 @@ def _mean_pool_kernel(
     for t in tl.range(0, hi - lo, BLOCK_T, num_stages=NUM_STAGES):
         offs_t = lo + t + tl.arange(0, BLOCK_T)  # [BLOCK_T]
         keep = offs_t < hi
-        if HAS_MASK:  # inside the span, only a row with holes reads its mask (the load is predicated off)
-            keep = keep & (tl.load(mask_row + offs_t.to(tl.int64) * stride_mt, mask=tl.where(holes, keep, False), other=1) != 0)
+        if HAS_MASK:  # inside the span, only a row with holes reads its mask (else the load is predicated off)
+            m = tl.load(mask_row + offs_t.to(tl.int64) * stride_mt, mask=tl.where(holes, keep, False), other=1)
+            keep = keep & (m != 0)
         x = tl.load(row_ptr + offs_t.to(tl.int64)[:, None] * stride_ht, mask=keep[:, None] & h_ok[None, :], other=0.0)
         acc += x.to(tl.float32)  # upcast before any math (bf16 math is also wrong in the interpreter)
     mean = tl.sum(acc, axis=0) / tl.maximum(count, 1).to(tl.float32)  # [BLOCK_H]

@@ -1,4 +1,4 @@
-"""group_advantage and compute_advantages: hand cases, NaN groups, on-device stats, Triton (interpreter) vs reference."""
+"""group_advantage, compute_advantages: hand cases, NaN groups, on-device stats, Triton (interpreter) vs reference."""
 import importlib
 
 import pytest
@@ -32,7 +32,8 @@ def test_hand_computed(backend):
 def test_all_equal_group_is_exactly_zero(backend):
     # fp32 means of seven 0.1s or seven 0.7s are not exactly 0.1 / 0.7 (sequential and pairwise sums both
     # round), so r - mean alone would give ~1e-8, not 0
-    rewards = torch.cat([torch.full((7,), 0.1), torch.full((7,), 0.7), torch.tensor([0.0, 1, 2, 3, 4, 5, 7])]).to(DEVICE)
+    spread = torch.tensor([0.0, 1, 2, 3, 4, 5, 7])
+    rewards = torch.cat([torch.full((7,), 0.1), torch.full((7,), 0.7), spread]).to(DEVICE)
     for scale_std in (False, True):
         adv, stats = group_advantage(rewards, 7, scale_std=scale_std, return_stats=True)
         assert (adv[:14] == 0.0).all()

@@ -76,7 +76,8 @@ def test_known_values(backend):
     out = masked_mean_pool(hidden, mask)
     assert out.dtype == torch.float32  # fp32 whatever the hidden dtype: the reward sees unrounded embeddings
     torch.testing.assert_close(out.cpu(), torch.tensor([[s, s], [0.0, 0.0]]))
-    torch.testing.assert_close(masked_mean_pool(hidden, mask, normalize=False).cpu(), torch.tensor([[2.0, 2.0], [0.0, 0.0]]))
+    unnormalized = masked_mean_pool(hidden, mask, normalize=False)
+    torch.testing.assert_close(unnormalized.cpu(), torch.tensor([[2.0, 2.0], [0.0, 0.0]]))
 
 
 @pytest.mark.parametrize("N,T,H", [(1, 1, 1), (3, 7, 37), (4, 19, 300), (3, 70, 5)])  # > one H block, > one T tile
@@ -137,8 +138,8 @@ def test_token_offsets_past_int32(backend):
 
 def test_span_equals_mask(backend):
     hidden, _ = random_case(5, 9, 5, torch.bfloat16)
-    start, end = torch.tensor([0, 4, 6, -3, 7], device=DEVICE), torch.tensor([3, 9, 6, 2, 20], device=DEVICE)  # an empty span,
-    # spans past the edges
+    # row 2 is an empty span, rows 3 and 4 reach past the edges
+    start, end = torch.tensor([0, 4, 6, -3, 7], device=DEVICE), torch.tensor([3, 9, 6, 2, 20], device=DEVICE)
     for normalize in (True, False):
         out = masked_mean_pool_span(hidden, start, end, normalize=normalize)
         assert out.dtype == torch.float32
@@ -199,7 +200,8 @@ def test_triton_kernels_compile_for_gpu():
     results = compile_for_sm90([
         ("minigrace.kernels.pool", "_mean_pool_kernel", mask_args, {}, "mask"),
         ("minigrace.kernels.pool", "_mean_pool_kernel", span_args, {}, "span"),
-        ("minigrace.kernels.pool", "_l2_normalize_kernel", dict(x_ptr="*fp32", H=H, eps=1e-12, BLOCK_H=2048), {}, "norm"),
+        ("minigrace.kernels.pool", "_l2_normalize_kernel", dict(x_ptr="*fp32", H=H, eps=1e-12, BLOCK_H=2048), {},
+         "normalize"),
     ])
     assert len(results) == 2 * len(pool._mean_pool_kernel.configs) + 1
     assert_no_spills(results)
