@@ -9,10 +9,9 @@ setup(
     version="0.1.0",
     description="GRACE: train an instruct LLM as a text encoder with contrastive policy optimization",
     python_requires=">=3.10",
-    # kernels/ lives at the top level (kernel, reference, test, benchmark side by side) but installs as
-    # minigrace.kernels, so it never shadows other packages called "kernels".
+    # The Triton kernels live in minigrace/kernels/, not in a top-level kernels/: transformers depends on the
+    # PyPI package `kernels` and imports it, and a kernels/ folder beside train.py would shadow it.
     packages=["minigrace", "minigrace.worlds", "minigrace.kernels"],
-    package_dir={"minigrace": "minigrace", "minigrace.kernels": "kernels"},
     package_data={"minigrace.worlds": ["corpora/*.jsonl"]},  # the everyday English train / held-out set
     install_requires=[
         "torch>=2.4",  # a range: an installed torch (CPU 2.13.0 or your CUDA build) is kept

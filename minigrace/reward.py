@@ -1,7 +1,7 @@
 """Reward: score every main rollout from embeddings alone (no labels), GRACE's way.
 
 Components per rollout i of group g (d = document/text rollout, q = query, n = hard negative; all
-cosines of unit vectors; the kernel computes them in one pass, see kernels/cosine_reward.py):
+cosines of unit vectors; the kernel computes them in one pass, see minigrace/kernels/cosine_reward.py):
 
     positive        cos(q_i, d_i)                               pull the text towards its query
     negative        −cos(q_g, n_g)                              push the hard negative away (constant in a group)
