@@ -13,6 +13,7 @@ from minigrace.config import parse_args
 
 def main() -> int:
     cfg, resume = parse_args()
+    from minigrace.checkpoint import CheckpointError
     from minigrace.data import DataError
     from minigrace.models import ModelNotAvailable
     from minigrace.train import TrainingStopped
@@ -20,7 +21,8 @@ def main() -> int:
 
     try:
         train(cfg, resume)
-    except (ModelNotAvailable, DataError, FileNotFoundError, PermissionError) as e:
+    except (ModelNotAvailable, DataError, CheckpointError, FileNotFoundError, PermissionError) as e:
+        # a bad model or data path, a run directory in use or holding a run, a full disk, no checkpoint that verifies
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

@@ -32,7 +32,10 @@ class GraceConfig:
     recipe: str = _f("minigrace", "minigrace: the measured defaults below; grace: the paper's training exactly (reward, "
                                   "penalty, no held-out split, lr, batch sizes, lengths, epochs; see the recipes table "
                                   "at the end)", choices=("minigrace", "grace"))
-    data: str = _f("builtin", "training data: 'builtin', 'everyday' (the shipped real-English set), a .jsonl/.json/.parquet/.txt file, or a saved `datasets` directory")
+    data: str = _f("builtin", "training data: 'builtin', 'everyday' (the shipped hand-written English set), "
+                              "'realtext' (3.4k real triples from Debian package descriptions and Python's docs, "
+                              "held-out items apart), a .jsonl/.json/.parquet/.txt file, or a saved `datasets` "
+                              "directory")
     mode: str = _f("auto", "supervised (query/positive/negative rows) or unsupervised (text rows); auto infers it",
                    choices=("auto", "supervised", "unsupervised"))
     eval_data: str = _f("", "held-out supervised data for retrieval eval (default: builtin held-out split, "
@@ -53,6 +56,9 @@ class GraceConfig:
                             "states stay fp32). fp16 is refused: it needs loss scaling, which minigrace does not do",
                     choices=("auto", "bf16", "fp16", "fp32"))
     log_every: int = _f(1, "write a metrics row every N steps (samples every 10*N)")
+    report_to: str = _f("none", "also log every metrics row to: none, or tensorboard (event files in the run "
+                                "directory, named as in metrics.jsonl; pip install \"minigrace[tensorboard]\")",
+                        choices=("none", "tensorboard"))
     eval_every: int = _f(0, "run the held-out retrieval eval every N steps (0: only at start and end)")
     eval_tasks: str = _f("", "mteb tasks also scored at start, end and every --eval-every steps: 'builtin' "
                              "(offline), or task names like STS12,SciFact (their data must be in the local HF cache)")
@@ -381,7 +387,7 @@ def _coerce(path: str, name: str, value):
 
 # What a resumed run may change: how long it runs, what it logs and evaluates, not what it trains.
 # How it runs (processes, sharding, offload, rollout engine) may change too: checkpoints hold full state.
-RESUMABLE = ("max_steps", "epochs", "log_every", "eval_every", "eval_tasks", "eval_size", "save_every", "keep_last",
+RESUMABLE = ("max_steps", "epochs", "log_every", "report_to", "eval_every", "eval_tasks", "eval_size", "save_every", "keep_last",
              "max_bad_steps", "device", "parallel", "offload", "rollout", "rollout_rows", "vllm_gpu_memory")
 # Fields added after runs were saved without them: such a run trained without them, and resumes so.
 ADDED_SINCE = {"recipe": "minigrace", "dual_clip": 0.0, "kl_clamp": 0.0}
@@ -448,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GraceConfig, str]:
         if resume:
             if "out" in typed:
                 raise ValueError("--out with --resume: a resumed run continues in its own directory")
+            if typed.get("overwrite"):
+                raise ValueError("--overwrite with --resume: --resume continues the run, --overwrite starts it over")
             run_dir = find_run(resume)
             return resume_config(run_dir, {**file_values, **typed}), run_dir
         return GraceConfig(**{**defaults, **typed}).validate(), ""

@@ -2,14 +2,16 @@
 
     python -m minigrace.eval --model runs/<run>/checkpoint-final                     # built-in tasks, offline
     python -m minigrace.eval --model CKPT --tasks everyday                          # held-out everyday English
+    python -m minigrace.eval --model CKPT --tasks realtext                          # held-out Debian / Python docs
     python -m minigrace.eval --model CKPT --tasks STS12,SciFact                     # real MTEB tasks (local HF cache)
     python -m minigrace.eval --model CKPT --compare base,base+rationale,trained    # the paper's columns
 
 Three parts, top to bottom:
   1. held-out retrieval (recall@1 / MRR@10 / nDCG@10), which the trainer runs before and after training;
-  2. MTEB: an adapter that gives an Encoder mteb 2.x's encoder protocol, and two sets of three offline tasks
+  2. MTEB: an adapter that gives an Encoder mteb 2.x's encoder protocol, and three sets of three offline tasks
      (retrieval, graded STS, clustering) that run with no network: `builtin`, from the built-in corpus's
-     held-out texts, and `everyday`, from the hand-written held-out English set (minigrace/worlds/everyday.py);
+     held-out texts, `everyday`, from the hand-written held-out English set (minigrace/worlds/everyday.py),
+     and `realtext`, from held-out Debian package descriptions and Python docs (minigrace/worlds/realtext.py);
   3. the command line: run tasks by name, write mteb's result JSON, print a table by task category.
 
 Every text (query or document) gets the same system prompt and a greedy rationale, as in training;
@@ -32,6 +34,7 @@ import torch
 from .encode import Encoder, cos_sim, embed_texts, pairwise_cos_sim, run_config
 from .metrics import retrieval_metrics
 from .worlds.everyday import EVERYDAY_TASKS
+from .worlds.realtext import REALTEXT_TASKS
 
 # -----------------------------------------------------------------------------
 # 1. Held-out retrieval (used by the trainer)
@@ -212,10 +215,29 @@ def everyday_tasks() -> list:
         sts_range=(0, 3))
 
 
+def realtext_tasks(rows: list[dict] | None = None) -> list:
+    """The three held-out tasks of the real-text set (minigrace/worlds/realtext.py), from its held-out rows."""
+    from .worlds.realtext import realtext_clustering_data, realtext_retrieval_data, realtext_rows, realtext_sts_pairs
+
+    rows = realtext_rows("heldout") if rows is None else rows
+    pairs, (texts, labels) = realtext_sts_pairs(rows), realtext_clustering_data(rows)
+    return in_memory_tasks(
+        REALTEXT_TASKS, "minigrace/realtext",
+        realtext_retrieval_data(rows), pairs, (texts, labels),
+        (f"{len(rows)} held-out Debian package short descriptions and Python docstring summaries / reference "
+         "headings → their own long text among all held-out texts (same-section items are the hard negatives).",
+         f"{len(pairs)} held-out (query of A, text of B) pairs graded 0-2 from the data's structure: 2 B is A, "
+         "1 B is another item of A's section, 0 B is from another section of the same source.",
+         f"{len(texts)} held-out texts clustered into their {len(set(labels))} sections (v-measure)."),
+        sts_range=(0, 2))
+
+
 # -----------------------------------------------------------------------------
 # 2c. Running tasks
 
-IN_MEMORY = {"builtin": builtin_tasks, "everyday": everyday_tasks}  # --tasks name → its offline tasks
+IN_MEMORY = {"builtin": builtin_tasks, "everyday": everyday_tasks, "realtext": realtext_tasks}  # offline sets
+TASK_SET = {**dict.fromkeys(BUILTIN_TASKS, builtin_tasks), **dict.fromkeys(EVERYDAY_TASKS, everyday_tasks),
+            **dict.fromkeys(REALTEXT_TASKS, realtext_tasks)}  # one offline task by name → the set it is in
 CATEGORY_ORDER = ["Retrieval", "Reranking", "Clustering", "PairClassification", "Classification", "STS",
                   "Summarization"]
 
@@ -228,7 +250,8 @@ def hf_cache_hint(name: str) -> str:
 
 
 def load_tasks(names: list[str], languages: list[str] | None = None) -> tuple[list, dict[str, str]]:
-    """Task names ('builtin' / 'everyday' for the offline sets) → (tasks with their data loaded, {name: why not run})."""
+    """Task names ('builtin' / 'everyday' / 'realtext' for the offline sets, or one task of them, or mteb task
+    names whose data is in the local HF cache) → (tasks with their data loaded, {name: why not run})."""
     import mteb
 
     tasks, skipped = [], {}
@@ -236,9 +259,8 @@ def load_tasks(names: list[str], languages: list[str] | None = None) -> tuple[li
         if name.lower() in IN_MEMORY:
             tasks += IN_MEMORY[name.lower()]()
             continue
-        if name in BUILTIN_TASKS + EVERYDAY_TASKS:
-            make = builtin_tasks if name in BUILTIN_TASKS else everyday_tasks
-            tasks += [t for t in make() if t.metadata.name == name]
+        if name in TASK_SET:
+            tasks += [t for t in TASK_SET[name]() if t.metadata.name == name]
             continue
         try:
             task = mteb.get_task(name, languages=languages or None)
@@ -362,7 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="builtin",
                    help="comma-separated mteb task names; 'builtin' = the offline built-in tasks "
                         f"({', '.join(BUILTIN_TASKS)}); 'everyday' = the held-out real-English tasks "
-                        f"({', '.join(EVERYDAY_TASKS)}) (default: builtin)")
+                        f"({', '.join(EVERYDAY_TASKS)}); 'realtext' = the held-out real-text tasks "
+                        f"({', '.join(REALTEXT_TASKS)}) (default: builtin)")
     p.add_argument("--compare", default="",
                    help="comma-separated columns among base (base model, no rationale), base+rationale (base "
                         "model with rationale), trained (--model with rationale): the paper's Base / +reasoning "

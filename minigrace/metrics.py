@@ -22,6 +22,7 @@ def step_metrics(result, lr: float) -> dict:
         "advantage_abs_mean": float(result.advantages.abs().mean()),
         "frac_zero_std_groups": result.frac_zero_std,
         "clip_frac": update.clip_frac_sum / max(update.tokens, 1),
+        "dual_clip_frac": update.dual_clip_frac_sum / max(update.tokens, 1),
         "kl": update.kl_sum / max(update.tokens, 1),
         "loss": update.loss / update.n_updates,
         "grad_norm": update.grad_norm / update.n_updates,

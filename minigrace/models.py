@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .checkpoint import check_model_dir
 from .worlds.builtin import tiny_dir
 from .worlds.smollm2 import smollm2_dir
 
@@ -61,6 +62,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", for_trainin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(name)
+    if os.path.isdir(source):  # a half-written or corrupted checkpoint: say which file, not a loader traceback
+        check_model_dir(source)
     if os.path.isdir(source) and is_adapter_dir(source):  # a LoRA checkpoint: its base + the merged adapter
         return load_merged(source, device, dtype, for_training)
     dev = resolve_device(device)

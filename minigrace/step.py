@@ -63,6 +63,7 @@ class UpdateStats:  # sums over every rank's micro-batches
     n_updates: int
     skipped_updates: int  # non-finite loss or gradients: dropped, never applied
     tokens: float = 0.0  # response tokens the updates saw (every rank, every PPO epoch)
+    dual_clip_frac_sum: float = 0.0  # tokens held at dual_clip·|A| (A < 0, ratio far above 1)
 
 
 @dataclass
@@ -238,6 +239,7 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
                     stats.loss += loss.item()
                     stats.clip_frac_sum += s["clip_frac_sum"]
                     stats.kl_sum += s.get("kl_sum", 0.0)
+                    stats.dual_clip_frac_sum += s["dual_clip_frac_sum"]
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -249,8 +251,8 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
             optimizer.zero_grad(set_to_none=True)
             stats.n_updates += 1
     stats.tokens = float(main.response_mask.sum()) * cfg.ppo_epochs
-    stats.loss, stats.clip_frac_sum, stats.kl_sum, stats.tokens = ranks.sum(
-        [stats.loss, stats.clip_frac_sum, stats.kl_sum, stats.tokens])
+    stats.loss, stats.clip_frac_sum, stats.dual_clip_frac_sum, stats.kl_sum, stats.tokens = ranks.sum(
+        [stats.loss, stats.clip_frac_sum, stats.dual_clip_frac_sum, stats.kl_sum, stats.tokens])
     stats.loss /= ranks.world
     return stats
 
@@ -263,4 +265,5 @@ def micro_batch_loss(policy: Policy, rows: Rollouts, old_logprobs, advantages, r
     lm_head = policy.module.get_output_embeddings().weight  # after the forward: gathered under FSDP
     logprobs = response_logprobs(hidden, lm_head, part.ids, part.response_mask, cfg.logprob_chunk)  # [n, L']
     return policy_loss(logprobs, old_logprobs[:, cols], advantages, part.response_mask, cfg.clip_eps, normalizer,
-                       None if ref_logprobs is None else ref_logprobs[:, cols], cfg.kl_coef)
+                       None if ref_logprobs is None else ref_logprobs[:, cols], cfg.kl_coef,
+                       dual_clip=cfg.dual_clip, kl_clamp=cfg.kl_clamp)

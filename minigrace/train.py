@@ -27,10 +27,11 @@ from .data import Example, PromptBatches, load_examples, split_heldout
 from .eval import MtebEncoder, heldout_retrieval, load_tasks, run_tasks
 from .metrics import step_metrics
 from .models import load_model, model_source, resolve_dtype
+from .plot import TensorBoardLog, write_run_plot
 from .reward import compute_rewards
 from .step import Policy, StepResult, grace_step
 from .worlds.builtin import builtin_corpus, rationale_topic
-from .worlds.everyday import HELDOUT_PATH, TRAIN_PATH
+from .worlds import everyday, realtext
 
 
 class TrainingStopped(RuntimeError):
@@ -110,7 +111,7 @@ def start_run(cfg: GraceConfig, ranks: parallel.Ranks, out_dir: str, resume_from
     run = Run(cfg, out_dir, mode, policy, optimizer, scheduler, batches,
               torch.Generator(device=ranks.device).manual_seed(cfg.seed), heldout, corpus, eval_tasks(cfg, ranks),
               total_steps=cfg.max_steps or cfg.epochs * batches.steps_per_epoch, n_train=len(train_examples),
-              log=RunLog(out_dir) if ranks.is_main else None)
+              log=RunLog(out_dir, cfg.report_to) if ranks.is_main else None)
     if state is not None:
         restore(run, state)
         if ranks.is_main:
@@ -156,7 +157,7 @@ def resume_state(cfg: GraceConfig, run_dir: str, checkpoint_dir: str) -> dict:
     if conflicts:
         raise ValueError(f"--resume {run_dir}: the checkpoint was trained with a different config: "
                          f"{', '.join(conflicts)}")
-    return state
+    return {**state, "checkpoint_dir": checkpoint_dir}
 
 
 def load_data(cfg: GraceConfig, out_dir: str, write_rejects: bool = True
@@ -170,8 +171,13 @@ def load_data(cfg: GraceConfig, out_dir: str, write_rejects: bool = True
         train, _ = load_examples(corpus.train, mode)
         heldout, _ = load_examples(corpus.heldout, "supervised")
     elif cfg.data == "everyday":  # the shipped real-language set: train split, held-out split for eval
-        train, mode = load_examples(TRAIN_PATH, cfg.mode)
-        heldout, _ = load_examples(cfg.eval_data or HELDOUT_PATH, "supervised")
+        train, mode = load_examples(everyday.TRAIN_PATH, cfg.mode)
+        heldout, _ = load_examples(cfg.eval_data or everyday.HELDOUT_PATH, "supervised")
+    elif cfg.data == "realtext":  # Debian package descriptions and Python docs, split by source item
+        train, mode = load_examples(realtext.TRAIN_PATH, cfg.mode)
+        if mode == "unsupervised":  # the train positives (as load_examples takes them) + the other train texts
+            train += load_examples(realtext.TEXTS_PATH, "unsupervised")[0]
+        heldout, _ = load_examples(cfg.eval_data or realtext.HELDOUT_PATH, "supervised")
     else:
         train, mode = load_examples(cfg.data, cfg.mode, skip_bad_rows=cfg.skip_bad_rows, rejects_path=rejects)
         if cfg.eval_data:
@@ -200,11 +206,13 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
     model_dtype = resolve_dtype(cfg.dtype, device)
     compute_dtype = model_dtype if device.type == "cuda" and model_dtype != torch.float32 else None
     # Train fp32 weights (AdamW state stays exact) and compute in bf16 under autocast on GPU.
+    from .checkpoint import sharded_dir  # a sharded checkpoint's weights are loaded into the wrapped model (restore)
+    weights_from = None if sharded_dir(resume_from) else resume_from
     if cfg.lora_r:
         base, tokenizer = load_model(cfg.model, str(device), "fp32")
-        module = lora.add_adapters(base, cfg, resume_from)
+        module = lora.add_adapters(base, cfg, weights_from)
     else:
-        module, tokenizer = load_model(resume_from or cfg.model, str(device), "fp32")
+        module, tokenizer = load_model(weights_from or cfg.model, str(device), "fp32")
     if cfg.grad_checkpointing:  # non-reentrant: works with a frozen base (LoRA) too
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
@@ -219,12 +227,20 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
 
 
 def restore(run: Run, state: dict) -> None:
-    """Continue exactly where the checkpoint left off: optimizer, schedule, data order, RNGs, counters."""
-    parallel.load_optimizer_state(run.policy.model, run.optimizer, state["optimizer"])
+    """Continue exactly where the checkpoint left off: optimizer (and a sharded checkpoint's weights),
+    schedule, data order, RNGs (each rank its own when the number of processes is the same), counters."""
+    from .checkpoint import sharded_dir
+    ranks, shards = run.policy.ranks, sharded_dir(state["checkpoint_dir"])
+    if shards:  # every rank reads its part of the weights and AdamW state, saved on any number of ranks
+        parallel.load_sharded_state(run.policy.model, run.optimizer, shards)
+    else:
+        parallel.load_optimizer_state(run.policy.model, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.batches.load_state_dict(state["batches"])
-    set_rng_state(state["rng"])
-    run.generator.set_state(state["generator"])
+    same_ranks = len(state.get("rank_rngs") or []) == ranks.world
+    rng, generator = state["rank_rngs"][ranks.rank] if same_ranks else (state["rng"], state["generator"])
+    set_rng_state(rng)
+    run.generator.set_state(generator)
     run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
     run.eval_before = state.get("eval_before", {})
 
@@ -343,29 +359,45 @@ def stop_bad_steps(run: Run, row: dict, bad_in_a_row: int) -> None:
 
 
 def checkpoint(run: Run, name: str, final: bool = False) -> str:
-    """Every rank gathers the full state (a collective under FSDP); rank 0 writes it."""
-    weights, optimizer_state = parallel.full_state_dicts(run.policy.model, run.optimizer)
-    path, failed = os.path.join(run.out_dir, name), None
-    if run.policy.ranks.is_main:  # everything needed to continue exactly, on any number of processes
-        state = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
-                 "batches": run.batches.state_dict(), "rng": rng_state(), "generator": run.generator.get_state(),
-                 "step": run.step, "skipped_steps": run.skipped_steps, "config": run.cfg.to_dict(),
-                 "eval_before": run.eval_before}
-        try:
-            save_checkpoint(path, run.policy.module, run.policy.tokenizer, state, state_dict=weights,
-                            merge_adapter=final and run.policy.lora)
-        except CheckpointError as e:  # e.g. DiskFullError: every rank stops, not only rank 0 (issue #16)
-            failed = e
-    failed = run.policy.ranks.broadcast(failed)
+    """Everything needed to continue exactly, on any number of processes (every rank calls it).
+
+    Step checkpoints of an FSDP model are sharded: each rank writes its own part of the weights and
+    AdamW state (parallel.save_sharded_checkpoint). Otherwise, and for checkpoint-final (a plain
+    transformers model, without the optimizer), every rank gathers the full weights (a collective
+    under FSDP) and rank 0 writes them. The other ranks wait for rank 0 on a gloo group
+    (parallel.wait_for_main), not in an NCCL collective the watchdog would time out."""
+    policy, ranks, path = run.policy, run.policy.ranks, os.path.join(run.out_dir, name)
+    state = {"scheduler": run.scheduler.state_dict(), "batches": run.batches.state_dict(), "rng": rng_state(),
+             "generator": run.generator.get_state(), "step": run.step, "skipped_steps": run.skipped_steps,
+             "config": run.cfg.to_dict(), "eval_before": run.eval_before,
+             "rank_rngs": parallel.gather_to_main(ranks, (rng_state(), run.generator.get_state()))}
+    if parallel.is_fsdp(policy.model) and not final:
+        failed = parallel.save_sharded_checkpoint(path, policy.model, run.optimizer, policy.tokenizer, state, ranks)
+    else:
+        weights, state["optimizer"] = parallel.full_state_dicts(policy.model, None if final else run.optimizer)
+        failed = None
+        if ranks.is_main:
+            try:
+                save_checkpoint(path, policy.module, policy.tokenizer, state, state_dict=weights,
+                                merge_adapter=final and policy.lora)
+            except CheckpointError as e:  # e.g. DiskFullError: every rank stops, not only rank 0 (issue #16)
+                failed = e
+    failed = parallel.wait_for_main(ranks, failed)
     if failed is not None:
         raise failed
     return path
 
 
 def save_step_checkpoint(run: Run) -> str:
-    path = checkpoint(run, f"checkpoint-{run.step:06d}")
+    path, failed = checkpoint(run, f"checkpoint-{run.step:06d}"), None
     if run.policy.ranks.is_main:
-        prune_checkpoints(run.out_dir, run.cfg.keep_last)  # verifies the new checkpoint before deleting older ones
+        try:  # verifies (re-reads) the new checkpoint before deleting older ones
+            prune_checkpoints(run.out_dir, run.cfg.keep_last)
+        except CheckpointError as e:
+            failed = e
+    failed = parallel.wait_for_main(run.policy.ranks, failed)  # (the other ranks wait on gloo meanwhile)
+    if failed is not None:
+        raise failed
     return path
 
 
@@ -431,15 +463,20 @@ def finish(run: Run, train_seconds: float, reward_means: list[float]) -> dict:
 
 
 class RunLog:
-    """metrics.jsonl (one JSON object per row) and samples.jsonl, flushed every write."""
+    """metrics.jsonl (one JSON object per row) and samples.jsonl, flushed every write; with --report-to
+    tensorboard every metrics row goes to TensorBoard too. Closing it draws RUN/curves.png (plot.py)."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, report_to: str = "none"):
+        self.out_dir = out_dir
+        self.tensorboard = TensorBoardLog(out_dir) if report_to == "tensorboard" else None
         self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
         self.samples = open(os.path.join(out_dir, "samples.jsonl"), "a")
 
     def metric(self, row: dict) -> None:
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
+        if self.tensorboard:
+            self.tensorboard.log(row)
 
     def sample(self, step: int, result: StepResult, group_size: int, n: int = 2) -> None:
         """The first rationales of the first `n` prompts of this rank, with their rewards."""
@@ -453,6 +490,9 @@ class RunLog:
     def close(self):
         self.metrics.close()
         self.samples.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        write_run_plot(self.out_dir)
 
 
 def _mean(xs):

@@ -84,7 +84,7 @@ def test_new_run_into_an_existing_run_is_refused_and_overwrite_starts_over(run3,
     # --overwrite: the old run's files are removed first, so nothing of it mixes with the new one.
     (run / "notes.txt").write_text("mine")  # not a run file: kept
     main(parse_args(SHORT + ["--max-steps", "1", "--lr", "1e-3", "--overwrite", "--out", str(run)])[0])
-    assert sorted(os.listdir(run)) == ["checkpoint-final", "config.json", "metrics.jsonl", "notes.txt",
+    assert sorted(os.listdir(run)) == ["checkpoint-final", "config.json", "curves.png", "metrics.jsonl", "notes.txt",
                                        "samples.jsonl", "summary.json"]
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [0, 1, 1]  # this run's rows only
     assert json.load(open(run / "config.json"))["lr"] == 1e-3

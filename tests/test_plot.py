@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
+
+Image = pytest.importorskip("PIL.Image", reason="the plot extra: pip install -e '.[plot]'")
 
 from minigrace.config import parse_args
 from minigrace.plot import PLOT_NAME, TensorBoardLog, main, panel_keys, read_run, write_run_plot
@@ -24,7 +25,7 @@ def run_dir(tiny, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("plot") / "run"
     cfg, _ = parse_args(["--max-steps", "3", "--batch-size", "4", "--mini-batch-size", "2", "--group-size", "4",
-                         "--eval-size", "12", "--out", str(out)])
+                         "--eval-size", "12", "--out", str(out), "--report-to", "tensorboard"])
     train(cfg)
     torch.set_num_threads(threads)
     return str(out)
@@ -43,8 +44,10 @@ def test_a_run_gets_its_plot(run_dir):
     assert components and components <= set(keys)  # every reward component has its panel
     assert {k for k in logged if k.startswith("eval_")} <= set(keys)
 
-    path = write_run_plot(run_dir)
-    assert path == os.path.join(run_dir, PLOT_NAME)
+    path = os.path.join(run_dir, PLOT_NAME)
+    drawn_by_the_run = os.path.getmtime(path)
+    assert write_run_plot(run_dir) == path
+    assert os.path.getmtime(path) >= drawn_by_the_run
     image = Image.open(path).convert("RGB")
     rows = -(-len(keys) // 4)  # 4 panels a row, 400 x 280 px each, + 80 px for the title
     assert image.size == (1600, 280 * rows + 80)
@@ -83,15 +86,18 @@ def test_without_matplotlib_a_run_notes_it_in_one_line(run_dir, tmp_path):
     assert not (copy / PLOT_NAME).exists()
 
 
-def test_tensorboard_scalars_have_the_metrics_jsonl_names(run_dir, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+@pytest.mark.parametrize("written_by", ["the run", "TensorBoardLog"])
+def test_tensorboard_scalars_have_the_metrics_jsonl_names(run_dir, tmp_path, written_by):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
-    rows = rows_of(run_dir)
-    log = TensorBoardLog(str(tmp_path))
-    for row in rows:
-        log.log(row)
-    log.close()
-    events = EventAccumulator(str(tmp_path))
+    rows, log_dir = rows_of(run_dir), run_dir  # the run logged with --report-to tensorboard
+    if written_by == "TensorBoardLog":
+        log_dir = str(tmp_path)
+        log = TensorBoardLog(log_dir)
+        for row in rows:
+            log.log(row)
+        log.close()
+    events = accumulator.EventAccumulator(log_dir)
     events.Reload()
     expected = {}  # name → {step: value}
     for row in rows:

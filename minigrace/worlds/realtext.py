@@ -601,23 +601,6 @@ def realtext_clustering_data(rows: list[dict] | None = None) -> tuple[list[str],
     return [r["positive"] for r in rows], [f"{r['source']}/{r['section']}" for r in rows]
 
 
-def realtext_tasks(rows: list[dict] | None = None) -> list:
-    """The three held-out mteb tasks (retrieval, STS, clustering), offline, from realtext_heldout.jsonl."""
-    from ..eval import in_memory_tasks
-
-    rows = realtext_rows("heldout") if rows is None else rows
-    pairs, (texts, labels) = realtext_sts_pairs(rows), realtext_clustering_data(rows)
-    return in_memory_tasks(
-        REALTEXT_TASKS, "minigrace/realtext",
-        realtext_retrieval_data(rows), pairs, (texts, labels),
-        (f"{len(rows)} held-out Debian package short descriptions and Python docstring summaries / reference "
-         "headings → their own long text among all held-out texts (same-section items are the hard negatives).",
-         f"{len(pairs)} held-out (query of A, text of B) pairs graded 0-2 from the data's structure: 2 B is A, "
-         "1 B is another item of A's section, 0 B is from another section of the same source.",
-         f"{len(texts)} held-out texts clustered into their {len(set(labels))} sections (v-measure)."),
-        sts_range=(0, 2))
-
-
 # -----------------------------------------------------------------------------
 # Command line
 
