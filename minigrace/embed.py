@@ -3,8 +3,12 @@
 The embedding of a rollout is the L2-normalized mean of the last-layer hidden states over its
 pool_mask (user text + assistant header + rationale + EOS, the system prompt excluded). In a GRPO
 step the same no-grad forward also gives the log-probs of the response tokens under the sampling
-policy, which the clipped ratio needs later: one forward pass, two results. Training, held-out
-evaluation and the Encoder all embed through `forward_rollouts`, so they pool by the same rule.
+policy, which the clipped ratio needs later: one forward pass, two results (`forward_rollouts`).
+
+At inference there are no log-probs to compute, so `embed_prompts` (the Encoder, held-out evaluation)
+skips that forward: rollout.generate_pooled collects the same last-layer states while it writes the
+rationale (the prompt's from the prefill, each rationale token's from the decode step that feeds it).
+Same span, same mean, same normalization: the two agree to fp32 noise (tests/test_embed.py).
 """
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import masked_mean_pool
+from .kernels import masked_mean_pool_span
 from .loss import response_logprobs
 from .prompts import ChatPrompt
-from .rollout import Rollouts, eos_token_ids, generate, position_ids, prompt_only_rollouts
+from .rollout import Rollouts, eos_token_ids, generate_pooled, position_ids
 
 
 def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,16 @@ def trim(rollouts: Rollouts) -> tuple[Rollouts, slice]:
     return cut, cols
 
 
+def pool_span(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's pooled columns as a span [start, end) → ([n], [n]): start = the first pooled column, end = the
+    last attended column + 1. pool_mask is exactly that span: a row's real tokens are contiguous (left-padded
+    prompt, then the response up to its EOS) and pooling runs from pool_start to the row's last token."""
+    columns = torch.arange(rollouts.ids.shape[1], device=rollouts.ids.device)
+    start = torch.where(rollouts.pool_mask, columns, rollouts.ids.shape[1]).amin(-1)
+    end = ((columns + 1) * rollouts.attention).amax(-1)
+    return start, end
+
+
 @dataclass
 class Forward:
     embeddings: torch.Tensor  # [N, H] fp32 (unit norm unless normalize=False)
@@ -73,11 +87,25 @@ def forward_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int, 
         rows = rows.to(device)
         part, cols = trim(rollouts.rows(rows))
         hidden = policy_forward(model, part.ids, part.attention)  # [n, L', H]
-        embeddings[rows] = masked_mean_pool(hidden, part.pool_mask, normalize=normalize).float()  # [n, H]
+        start, end = pool_span(part)
+        embeddings[rows] = masked_mean_pool_span(hidden, start, end, normalize=normalize)  # [n, H] fp32
         if with_logprobs:
             lm_head = model.get_output_embeddings().weight
             old_logprobs[rows, cols] = response_logprobs(hidden, lm_head, part.ids, part.response_mask, logprob_chunk)
     return Forward(embeddings, old_logprobs)
+
+
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Row indices sorted longest first, cut into batches of at most max_rows rows whose padded size
+    (rows × the batch's longest length) stays within max_tokens (a longer row gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.no_grad()
@@ -88,30 +116,31 @@ def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens
     """GRACE at inference: write a rationale for each templated prompt, embed prompt + rationale.
 
     → (embeddings [n, H] fp32 on CPU; rationale token ids, EOS included). rationale=False pools the
-    prompt alone. Prompts are batched longest first (less padding), results put back in input order."""
+    prompt alone. Prompts are batched by length (longest first, ≤ batch_size rows, rows × (prompt +
+    max_new_tokens) ≤ max_tokens_per_microbatch); results come back in input order. The pooled states are
+    collected while the rationale is written (rollout.generate_pooled): no second forward. Row i's
+    sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
+    new_tokens = max_new_tokens if rationale else 0
     generator = torch.Generator(device=model.device).manual_seed(seed)
+    noise = torch.rand(len(prompts), new_tokens, generator=generator, device=model.device)  # [n, R]
     eos_ids, pad_id = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+    batches = length_batches([len(p.ids) + new_tokens for p in prompts], batch_size, max_tokens_per_microbatch)
     embeddings = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
     responses: list[list[int]] = [[] for _ in prompts]
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="encode", disable=not progress, leave=False):
-            index = order[start:start + batch_size]
-            batch = [prompts[i] for i in index]
-            if rationale:
-                temps = torch.full((len(batch),), float(temperature))
-                rollouts = generate(model, batch, temps, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                    pad_id=pad_id, generator=generator)
-                for i, ids in zip(index, rollouts.responses()):
-                    responses[i] = ids
-            else:
-                rollouts = prompt_only_rollouts(batch, pad_id, model.device)
-            fwd = forward_rollouts(model, rollouts, max_tokens_per_microbatch, with_logprobs=False, normalize=normalize)
-            embeddings[index] = fwd.embeddings.cpu()
+        for index in tqdm(batches, desc="encode", disable=not progress, leave=False):
+            temps = torch.full((len(index),), float(temperature))
+            rollouts, pooled = generate_pooled(model, [prompts[i] for i in index], temps, max_new_tokens=new_tokens,
+                                               eos_ids=eos_ids, pad_id=pad_id, noise=noise[index])  # [b, H]
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12)  # as masked_mean_pool does
+            embeddings[index] = pooled.cpu()
+            for i, ids in zip(index, rollouts.responses()):
+                responses[i] = ids
     finally:
         model.train(was_training)
     return embeddings, responses

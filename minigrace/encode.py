@@ -11,6 +11,10 @@ the last-layer hidden states over user text + assistant header + rationale + EOS
 training rule, applied to the token ids (no decode/re-tokenize round trip). rationale="none" pools
 the prompt alone (user text + assistant header): the paper's "Base" embedding.
 
+Speed (embed.embed_prompts): texts are batched by length (longest first, within a token budget), the
+system prompt is prefilled once per batch, a row leaves the batch at its EOS, and the pooled states are
+collected while the rationale is written, so there is no second forward (`python bench/encode_speed.py`).
+
 Defined behaviour at the edges:
   - a text that is not a str: TypeError naming its index;
   - an empty string: embeds the empty user turn (the pool starts where the text would be: the end-of-turn

@@ -8,6 +8,8 @@ left-padded to a common width P, so every response starts at column P:
            <------- P columns ------> <-- max_new_tokens -->
 
 The result carries every mask the later stages need, so no stage re-tokenizes or decodes.
+A row leaves the decode batch at its EOS. For encoding, generate_pooled also runs the prompts' shared
+system prompt once per batch and returns the mean pooled states collected while decoding.
 """
 from __future__ import annotations
 
@@ -105,49 +107,152 @@ def _cache(out):
     return out["cache"] if "cache" in out else out.past_key_values
 
 
+def shared_prefix_length(prompts: list[ChatPrompt]) -> int:
+    """How many leading tokens every prompt shares before its pooled span (the system prompt, in GRACE's chat)."""
+    limit = min(min(p.pool_start for p in prompts), min(len(p.ids) for p in prompts) - 1)
+    first = prompts[0].ids
+    n = 0
+    while n < limit and all(p.ids[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+class KVDecoder:
+    """One batch's KV cache, extended a token at a time. Every forward returns the next-token logits [n, V]
+    (or None) and, with `hidden=True`, the last-layer hidden states (after the final norm) of the fed tokens.
+
+    Rows are laid out as [shared prefix | left padding | rest of the prompt | generated tokens]; positions
+    count real tokens only (position_ids), so the layout changes no value, only how much is computed."""
+
+    def __init__(self, model, hidden: bool):
+        self.model, self.hidden = model, hidden
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        self.cache = None
+        self.attention = None  # [n, C] long: 1 on the real tokens of the C cached columns
+        self.next_position = None  # [n]: the position the next fed token takes
+
+    def forward(self, ids: torch.Tensor, position: torch.Tensor, logits: bool):
+        keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=ids.device)  # empty: no lm_head at all
+        past = {} if self.cache is None else {self.cache_arg: self.cache}
+        out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position, use_cache=True,
+                         output_hidden_states=self.hidden, logits_to_keep=keep, **past)
+        self.cache = _cache(out)
+        return (out.logits[:, -1] if logits else None), (out.hidden_states[-1] if self.hidden else None)
+
+    def prefill(self, prompts: list[ChatPrompt], pad_id: int, prefix_len: int = 0):
+        """Forward the prompts. The first prefix_len tokens (the same in every row) are run once, on one row,
+        and their cache copied to every row. → logits [n, V], hidden [n, W, H] of the other prompt tokens (or
+        None), and their attention [n, W] and pool_start [n] (the rest of each prompt, left-padded to width W)."""
+        n, device = len(prompts), self.model.device
+        if prefix_len:
+            prefix = torch.tensor([prompts[0].ids[:prefix_len]], device=device)  # [1, S]
+            self.attention = torch.ones_like(prefix)
+            self.forward(prefix, position_ids(self.attention), logits=False)
+            self.cache.batch_repeat_interleave(n)
+        rest = [ChatPrompt(p.ids[prefix_len:], p.pool_start - prefix_len, p.truncated) for p in prompts]
+        ids, attention, pool_start = left_pad(rest, pad_id, device)  # [n, W]
+        self.attention = attention if not prefix_len else torch.cat([self.attention.expand(n, -1), attention], 1)
+        position = position_ids(self.attention)[:, -ids.shape[1]:]
+        self.next_position = position[:, -1] + 1
+        logits, hidden = self.forward(ids, position, logits=True)
+        return logits, hidden, attention, pool_start
+
+    def step(self, token: torch.Tensor, real: torch.Tensor, logits: bool = True):
+        """Feed one token per row [n] (real [n] bool: attended to, else padding) → (logits [n, V] or None,
+        hidden [n, H] or None)."""
+        self.attention = torch.cat([self.attention, real.long()[:, None]], dim=1)
+        logits, hidden = self.forward(token[:, None], self.next_position[:, None], logits)
+        self.next_position = self.next_position + 1
+        return logits, (hidden[:, -1] if hidden is not None else None)
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop the rows where keep [n] is False from the batch (their cache too)."""
+        self.cache.batch_select_indices(keep.nonzero().squeeze(-1))
+        self.attention, self.next_position = self.attention[keep], self.next_position[keep]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
-             eos_ids: list[int], pad_id: int, top_p: float = 1.0,
-             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Rollouts:
+             eos_ids: list[int], pad_id: int, top_p: float = 1.0, generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None, share_prefix: bool = False, drop_finished: bool = True) -> Rollouts:
     """Sample one rationale per prompt (repeat a prompt in `prompts` to get a group).
 
     noise [N, max_new_tokens] in [0, 1): row i's t-th token is drawn with noise[i, t] (see sample_next);
-    drawn from `generator` when not given. Same noise row → same rationale, whatever the batch."""
-    device = model.device
+    drawn from `generator` when not given. Same noise row → same rationale, whatever the batch.
+    share_prefix: run the prompts' common leading tokens once (see KVDecoder.prefill). drop_finished: a row
+    leaves the decode batch at its EOS (else it is fed padding until every row is done). Neither changes
+    a token beyond floating-point noise."""
+    return sample(model, prompts, temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                  top_p=top_p, generator=generator, noise=noise, share_prefix=share_prefix,
+                  drop_finished=drop_finished)[0]
+
+
+@torch.no_grad()
+def generate_pooled(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
+                    eos_ids: list[int], pad_id: int, top_p: float = 1.0, noise: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> tuple[Rollouts, torch.Tensor]:
+    """generate, plus each rollout's mean last-layer hidden state over its pool_mask [N, H] fp32, collected
+    while generating: the prefill gives the prompt tokens' states, each decode step the fed token's, and one
+    last step feeds the final tokens. The same numbers as a second forward over prompt + rationale
+    (embed.forward_rollouts) up to floating-point noise, without that forward. max_new_tokens=0 pools the
+    prompt alone."""
+    rollouts, pooled = sample(model, prompts, temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                              pad_id=pad_id, top_p=top_p, generator=generator, noise=noise, share_prefix=True,
+                              drop_finished=True, pool=True)
+    return rollouts, pooled
+
+
+def sample(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
+           pad_id: int, top_p: float, generator, noise, share_prefix: bool, drop_finished: bool, pool: bool = False
+           ) -> tuple[Rollouts, torch.Tensor | None]:
+    """The decode loop behind generate and generate_pooled → (Rollouts, pooled mean [N, H] fp32 or None)."""
+    device, n = model.device, len(prompts)
     if noise is None:
         gen_device = generator.device if generator is not None else "cpu"
-        noise = torch.rand(len(prompts), max_new_tokens, generator=generator, device=gen_device)
-    ids, attention, pool_start = left_pad(prompts, pad_id, device)  # [N, P]
-    n, width = ids.shape
-    temperature = temperature.to(device)
-    eos = torch.tensor(eos_ids, device=device)
-    position = position_ids(attention)
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
-    cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        noise = torch.rand(n, max_new_tokens, generator=generator, device=gen_device)
+    noise, temperature, eos = noise.to(device), temperature.to(device), torch.tensor(eos_ids, device=device)
+    decoder = KVDecoder(model, hidden=pool)
+    logits, hidden, attention, pool_start = decoder.prefill(prompts, pad_id, shared_prefix_length(prompts)
+                                                            if share_prefix else 0)
+    if pool:  # the prompt's pooled tokens: from pool_start on, real tokens only
+        columns = torch.arange(attention.shape[1], device=device)
+        in_pool = (columns[None, :] >= pool_start[:, None]) & attention.bool()  # [N, W]
+        pooled_sum = torch.einsum("nwh,nw->nh", hidden.float(), in_pool.float())  # [N, H]
+        pooled_count = in_pool.sum(-1)
 
-    # Prefill the prompts, then decode one token at a time from the cache.
-    out = model(input_ids=ids, attention_mask=attention, position_ids=position, use_cache=True, logits_to_keep=1)
-    cache, logits = _cache(out), out.logits[:, -1]
-    next_position = position[:, -1] + 1
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    new_tokens, alive_masks = [], []
+    response = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, R]
+    alive = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)  # the token belongs to the response
+    rows = torch.arange(n, device=device)  # the decode batch's rows
+    running = torch.ones(n, dtype=torch.bool, device=device)  # [len(rows)]: no EOS yet
+    steps = 0
     for t in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, noise[:, t])
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        alive_masks.append(~finished)  # this token belongs to the response (EOS included)
-        new_tokens.append(token)
-        finished = finished | torch.isin(token, eos)
-        if finished.all():
+        token = sample_next(logits, temperature[rows], top_p, noise[rows, t])
+        token = torch.where(running, token, torch.full_like(token, pad_id))
+        response[rows, t], alive[rows, t] = token, running
+        running = running & ~torch.isin(token, eos)
+        steps = t + 1
+        last = t == max_new_tokens - 1 or not running.any()
+        if last and not pool:
             break
-        attention = torch.cat([attention, (~finished).long()[:, None]], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                    use_cache=True, **{cache_arg: cache})
-        cache, logits = _cache(out), out.logits[:, -1]
-        next_position = next_position + 1
+        # Feed the token: its logits give the next token, its hidden state (EOS included) is pooled.
+        logits, hidden = decoder.step(token, alive[rows, t], logits=not last)
+        if pool:
+            pooled_sum[rows] += torch.where(alive[rows, t, None], hidden.float(), 0.0)
+        if last:
+            break
+        if drop_finished and not running.all():
+            decoder.keep_rows(running)
+            rows, running, logits = rows[running], running[running], logits[running]
 
-    response = torch.stack(new_tokens, dim=1)  # [N, R]
-    response_alive = torch.stack(alive_masks, dim=1)  # [N, R]
-    return pack_rollouts(prompts, ids, attention[:, :width], pool_start, response, response_alive, ~finished)
+    response, alive = response[:, :steps], alive[:, :steps]
+    ended = (alive & torch.isin(response, eos)).any(-1)
+    ids, prompt_attention, full_pool_start = left_pad(prompts, pad_id, device)
+    truncated = ~ended if max_new_tokens else torch.zeros_like(ended)  # no EOS within max_new_tokens
+    rollouts = pack_rollouts(prompts, ids, prompt_attention, full_pool_start, response, alive, truncated)
+    if not pool:
+        return rollouts, None
+    return rollouts, pooled_sum / (pooled_count + alive.sum(-1)).clamp(min=1)[:, None].float()
 
 
 def pack_rollouts(prompts: list[ChatPrompt], ids: torch.Tensor, prompt_attention: torch.Tensor,
@@ -166,14 +271,6 @@ def pack_rollouts(prompts: list[ChatPrompt], ids: torch.Tensor, prompt_attention
         truncated=truncated, prompt_truncated=torch.tensor([p.truncated for p in prompts], device=device),
         prompt_width=ids.shape[1],
     )
-
-
-def prompt_only_rollouts(prompts: list[ChatPrompt], pad_id: int, device) -> Rollouts:
-    """Rollouts with an empty rationale: pool the text and the assistant header only (the paper's 'Base')."""
-    ids, attention, pool_start = left_pad(prompts, pad_id, device)
-    empty = torch.zeros(len(prompts), 0, dtype=torch.long, device=device)
-    return pack_rollouts(prompts, ids, attention, pool_start, empty, empty.bool(),
-                         torch.zeros(len(prompts), dtype=torch.bool, device=device))
 
 
 def cat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
