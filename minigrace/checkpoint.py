@@ -1,11 +1,14 @@
 """Checkpoints and run directories: atomic save, verify, resume, and the faults that must lose nothing.
 
 A checkpoint directory holds the model (safetensors, loadable by `from_pretrained`), the tokenizer,
-and `trainer_state.pt` (optimizer, scheduler, RNG states, data position, step). It is written to a
+and `trainer_state.pt` (optimizer, scheduler, RNG states, data position, step). The step checkpoints
+of a sharded (FSDP) model hold `sharded/` instead of the safetensors and the optimizer: every rank's
+shards of the weights and AdamW state as torch.distributed.checkpoint wrote them, each rank its own
+(parallel.save_sharded_checkpoint); they load on any number of processes. A checkpoint is written to a
 temporary sibling directory and renamed into place, so a crash mid-write leaves the previous
-checkpoint untouched and never a half-written one. `manifest.json` lists every file's SHA-256:
-`verify_checkpoint` re-reads them, and `prune_checkpoints` deletes older checkpoints only after the
-newest one verifies.
+checkpoint untouched and never a half-written one. `manifest.json` lists every file's SHA-256 (the
+shards' included): `verify_checkpoint` re-reads them, and `prune_checkpoints` deletes older
+checkpoints only after the newest one verifies.
 
 The faults, each a one-line CheckpointError:
 - `claim_run_dir`: a new run refuses a directory that holds a run (unless --overwrite, which removes
@@ -18,6 +21,7 @@ The faults, each a one-line CheckpointError:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -50,6 +54,7 @@ class CorruptCheckpoint(CheckpointError, ValueError):
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+SHARDED_DIR = "sharded"  # a sharded checkpoint's weights and AdamW state: torch.distributed.checkpoint files
 LOCK_FILE = "run.lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "summary.json", "rejected_rows.jsonl")
 
@@ -79,32 +84,73 @@ def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = No
     A full disk raises DiskFullError: before anything is written when the checkpoint's tensors alone do
     not fit, or when a write runs out of space (the partial temporary directory is removed). Its message
     says whether the newest step checkpoint next to `path` verifies, so the run can be resumed from it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    run_dir = os.path.dirname(os.path.abspath(path))
-    needed, free = checkpoint_bytes(model, state_dict, trainer_state, merge_adapter), shutil.disk_usage(run_dir).free
-    if needed > free:
-        raise DiskFullError(f"disk full: {path} needs {_size(needed)}, {_size(free)} free on {run_dir}; nothing "
-                            f"was written. {_last_good(run_dir)}")
-    try:
+    needed = checkpoint_bytes(model, state_dict, trainer_state, merge_adapter)
+    tmp = start_checkpoint(path, needed)
+    with removed_on_failure(path, tmp, needed):
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if merge_adapter:
             from .lora import save_merged
             save_merged(tmp, os.path.join(tmp, "merged"))
-        if trainer_state is not None:
-            torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
-        # Hash (and fsync) every file, so the checkpoint can be verified before anything older is deleted.
-        files = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
-        write_json(os.path.join(tmp, MANIFEST), {name: sha256(os.path.join(tmp, name), sync=True) for name in files})
-    except BaseException as e:  # never leave a partial checkpoint behind (a second Ctrl-C included)
+        seal_checkpoint(tmp, trainer_state)
+    return publish_checkpoint(tmp, path)
+
+
+def start_checkpoint(path: str, needed: int) -> str:
+    """A fresh temporary directory next to `path`, `<path>.tmp-PID`, to write a checkpoint of at least
+    `needed` bytes into. DiskFullError, with nothing written, when they do not fit."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run_dir = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(run_dir).free
+    if needed > free:
+        raise DiskFullError(f"disk full: {path} needs {_size(needed)}, {_size(free)} free on {run_dir}; nothing "
+                            f"was written. {_last_good(run_dir)}")
+    os.makedirs(tmp)
+    return tmp
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str, tmp: str, needed: int):
+    """Never leave a partial checkpoint behind: any failure inside (a second Ctrl-C included) removes `tmp`;
+    running out of space becomes a one-line DiskFullError."""
+    try:
+        yield
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and is_disk_full(e):
+        if is_disk_full(e):
+            run_dir = os.path.dirname(os.path.abspath(path))
             raise DiskFullError(f"disk full while writing {path} ({_first_line(e)}): it needs at least "
-                                f"{_size(needed)}, {_size(free)} were free on {run_dir}; removed the partial "
-                                f"{os.path.basename(tmp)}. {_last_good(run_dir)}") from e
+                                f"{_size(needed)}, {_size(shutil.disk_usage(run_dir).free)} are free on {run_dir}; "
+                                f"removed the partial {os.path.basename(tmp)}. {_last_good(run_dir)}") from e
         raise
-    if os.path.exists(path):  # e.g. checkpoint-final of an earlier attempt: replace it
+
+
+def seal_checkpoint(tmp: str, trainer_state: dict | None, hashes: dict[str, str] | None = None) -> None:
+    """Write the trainer state, then manifest.json: the SHA-256 of every file in `tmp` and in its sharded/
+    directory (fsynced as it is read), so the checkpoint can be verified before anything older is deleted.
+    hashes: files already hashed (and synced) by the ranks that wrote them."""
+    if trainer_state is not None:
+        torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+    hashes = dict(hashes or {})
+    for name in checkpoint_files(tmp):
+        if name not in hashes:
+            hashes[name] = sha256(os.path.join(tmp, name), sync=True)
+    write_json(os.path.join(tmp, MANIFEST), dict(sorted(hashes.items())))
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The files a checkpoint's manifest covers, relative to `path`: the top level and sharded/."""
+    files = [n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and n != MANIFEST]
+    shards = os.path.join(path, SHARDED_DIR)
+    if os.path.isdir(shards):
+        files += [f"{SHARDED_DIR}/{n}" for n in os.listdir(shards) if os.path.isfile(os.path.join(shards, n))]
+    return sorted(files)
+
+
+def publish_checkpoint(tmp: str, path: str) -> str:
+    """Rename the complete `tmp` to `path` (replacing an older `path`, e.g. checkpoint-final of an earlier attempt)."""
+    if os.path.exists(path):
         old = f"{path}.old-{os.getpid()}"
         os.rename(path, old)
         os.rename(tmp, path)
@@ -128,6 +174,8 @@ def checkpoint_bytes(model, state_dict: dict | None, trainer_state: dict | None,
 def tensor_bytes(obj, seen: set | None = None) -> int:
     """Bytes of the tensors in a nested dict / list / tuple, each storage counted once (tied weights)."""
     seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor) and hasattr(obj, "to_local"):  # a DTensor: this rank's shard
+        obj = obj.to_local()
     if isinstance(obj, torch.Tensor):
         key = (obj.data_ptr(), obj.nbytes)
         if key in seen or obj.device.type == "meta":
@@ -185,6 +233,13 @@ def _size(n: int) -> str:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def sharded_dir(path: str | None) -> str | None:
+    """`<path>/sharded` when `path` is a sharded checkpoint (the weights and AdamW state as every rank's
+    torch.distributed.checkpoint shards: parallel.load_sharded_state), else None (transformers files)."""
+    shards = os.path.join(path, SHARDED_DIR) if path else None
+    return shards if shards and os.path.isdir(shards) else None
 
 
 def load_trainer_state(path: str) -> dict:
@@ -260,6 +315,10 @@ def check_model_dir(path: str) -> None:
                                 f"run's newest checkpoint-NNNNNN")
     if os.path.exists(os.path.join(path, MANIFEST)):  # a minigrace checkpoint: every model file has its hash
         verify_checkpoint(path, trainer_state="skip")
+        if sharded_dir(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            raise CheckpointError(f"{path}: a sharded training checkpoint (each FSDP rank's part of the weights and "
+                                  f"optimizer, for --resume): it holds no transformers model; use the run's "
+                                  f"checkpoint-final")
         return
     files = sorted(os.listdir(path))
     for file in files:

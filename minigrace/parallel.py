@@ -7,8 +7,9 @@ rank, rank+N, rank+2N, …: it samples, embeds and trains on those only. The rew
 rollout with every query of the batch, so the embeddings are all-gathered (no gradient flows
 through the reward) and every rank computes the same global rewards and advantages. DDP or FSDP2
 averages the gradients over ranks; the loss is scaled so that this average is exactly the
-one-process token-mean (see `grace_step`). Only rank 0 logs and writes checkpoints, which hold full
-(unsharded) state dicts, so a run can resume on any number of ranks.
+one-process token-mean (see `grace_step`). Only rank 0 logs. Checkpoints load on any number of ranks:
+under FSDP every rank writes its own shards of a step checkpoint (torch.distributed.checkpoint), and
+otherwise rank 0 writes full state dicts; checkpoint-final is always the full weights (safetensors).
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op: rank 0 of 1. Under
 torchrun with one process the model is still wrapped (FSDP with --offload fits a bigger model on one GPU).
@@ -17,10 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .checkpoint import (SHARDED_DIR, CheckpointError, publish_checkpoint, removed_on_failure, seal_checkpoint,
+                         sha256, start_checkpoint, tensor_bytes)
 
 
 @dataclass
@@ -226,23 +232,166 @@ def full_weights(model: torch.nn.Module):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts with full, unsharded tensors on CPU, keyed by parameter name.
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                     ) -> tuple[dict, dict | None]:
+    """(model, optimizer) state dicts with full, unsharded tensors on CPU, keyed by parameter name; the
+    optimizer's only when `optimizer` is given (checkpoint-final leaves it out: --resume never reads it).
 
-    A collective under FSDP: every rank calls it; the tensors are complete on rank 0. They load on
-    any world size (`load_optimizer_state`)."""
+    A collective under FSDP: every rank calls it; the tensors are complete on rank 0, and only there
+    (cpu_offload). They load on any world size (`load_optimizer_state`)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     module = unwrap(model)
-    weights = get_model_state_dict(module, options=options)
-    # Tied weights (lm_head = input embeddings) once, under the name save_pretrained keeps.
-    names = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
-    weights = {name: tensor for name, tensor in weights.items() if name in names}
+    weights = without_tied_copies(module, get_model_state_dict(module, options=options))
+    if optimizer is None:
+        return weights, None
     return weights, get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def without_tied_copies(module: torch.nn.Module, weights: dict) -> dict:
+    """Tied weights (lm_head = input embeddings) once, under the name save_pretrained keeps."""
+    names = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+    return {name: tensor for name, tensor in weights.items() if name in names}
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimizer state dict (every rank read it from the checkpoint) into a possibly sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints: every rank writes and reads its own part (torch.distributed.checkpoint)
+#
+# Step checkpoints of an FSDP model are sharded: gathering a 4B model's weights and AdamW state
+# (16 bytes a parameter, 64 GB) onto rank 0 and pickling them would take rank 0's host memory and
+# leave every other rank idle. (On one process, or with DDP, where every rank holds the full state
+# anyway, checkpoints stay transformers directories that any step can be evaluated from.) The final
+# checkpoint is always the full weights as safetensors, for from_pretrained.
+#
+# While one rank works alone (hashing, fsync, writing the final safetensors), the others wait on
+# slow_wait_group(): gloo, on CPU, so no NCCL collective is in flight for the NCCL watchdog to time out,
+# with a timeout for the slowest filesystem rather than the process group's 30 minutes.
+
+SLOW_WAIT = timedelta(hours=3)
+_slow_wait: dict = {}  # {"world": the default process group, "group": its slow-wait group}
+
+
+def slow_wait_group():
+    """The gloo group over every rank with the SLOW_WAIT timeout (None without a process group). Created
+    on first use: every rank must reach its first use together (a checkpoint does)."""
+    if not dist.is_initialized():
+        return None
+    if _slow_wait.get("world") is not dist.group.WORLD:
+        _slow_wait.update(world=dist.group.WORLD, group=dist.new_group(backend="gloo", timeout=SLOW_WAIT))
+    return _slow_wait["group"]
+
+
+def wait_for_main(ranks: Ranks, obj):
+    """Rank 0's `obj` (a small picklable value: an outcome, an error) on every rank, the others waiting
+    on the slow-wait group for as long as rank 0 works."""
+    if not ranks.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=slow_wait_group())
+    return box[0]
+
+
+def gather_to_main(ranks: Ranks, obj) -> list | None:
+    """Every rank's `obj` (small, picklable), in rank order, on rank 0; None on the other ranks."""
+    if not ranks.distributed:
+        return [obj]
+    gathered = [None] * ranks.world if ranks.is_main else None
+    dist.gather_object(obj, gathered, dst=0, group=slow_wait_group())
+    return gathered
+
+
+def sharded_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"model": weights, "optimizer": AdamW state}, keyed by parameter name, as this rank holds them:
+    DTensor shards under FSDP (no copy, no communication), full tensors otherwise. A LoRA model's
+    frozen base is left out (it is --model's)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    weights, optimizer_state = get_state_dict(unwrap(model), optimizer,
+                                              options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": without_tied_copies(unwrap(model), weights), "optimizer": optimizer_state}
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Load a sharded checkpoint's weights and AdamW state (`directory`: its sharded/) into the model as
+    it is wrapped now: FSDP on any number of ranks, DDP, or one process. Each rank reads the parts of
+    the files that its own shards cover; every name the model and optimizer hold must be there."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    state = sharded_state_dicts(model, optimizer)  # the tensors to fill (a fresh AdamW gets its states here)
+    with quiet_on_one_process():
+        load(state, checkpoint_id=directory, process_group=slow_wait_group(), no_dist=not dist.is_initialized())
+    set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # (load checked the names)
+
+
+def save_sharded_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
+                            trainer_state: dict, ranks: Ranks) -> Exception | None:
+    """Every rank calls it: a sharded checkpoint at `path`. Returns rank 0's outcome, the error that
+    stopped the save or None (other ranks: None; pass it to wait_for_main, which they wait in).
+
+    Every rank writes its own shards of the weights and AdamW state into <tmp>/sharded/ (each file
+    fsynced) and hashes the files it wrote; rank 0 adds the model config, tokenizer, trainer state (no
+    optimizer) and the manifest of every rank's hashes, then renames the directory into place. A
+    full disk, before the write or during it on any rank, is rank 0's one-line DiskFullError."""
+    state = sharded_state_dicts(model, optimizer)
+    needed = int(ranks.sum([tensor_bytes(state)])[0])  # every rank's shards
+    tmp, failed = None, None
+    if ranks.is_main:
+        try:
+            tmp = start_checkpoint(path, needed)
+        except CheckpointError as e:
+            failed = e
+    tmp, failed = wait_for_main(ranks, (tmp, failed))
+    if failed is not None:
+        return failed if ranks.is_main else None
+    hashes_or_error = write_shards(state, tmp, ranks)
+    everyone = gather_to_main(ranks, hashes_or_error)
+    if not ranks.is_main:
+        return None
+    try:
+        with removed_on_failure(path, tmp, needed):
+            errors = [e for e in everyone if isinstance(e, str)]
+            if errors:
+                raise RuntimeError(errors[0])  # (removed_on_failure tells a full disk from the message)
+            unwrap(model).config.save_pretrained(tmp)  # the architecture, for reading the shards without --model
+            tokenizer.save_pretrained(tmp)
+            seal_checkpoint(tmp, trainer_state, {name: h for hashes in everyone for name, h in hashes.items()})
+        publish_checkpoint(tmp, path)
+    except CheckpointError as e:
+        return e
+    return None
+
+
+def write_shards(state: dict, tmp: str, ranks: Ranks) -> dict[str, str] | str:
+    """dcp.save of `state` into <tmp>/sharded/ (collective) → {name: sha256} of the files this rank
+    wrote, or why the save failed (a line of text, every rank's errors; torch raises on every rank)."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    shards = os.path.join(tmp, SHARDED_DIR)
+    try:
+        with quiet_on_one_process():
+            save(state, storage_writer=FileSystemWriter(shards), process_group=slow_wait_group(),
+                 no_dist=not dist.is_initialized())
+        mine = f"__{ranks.rank}_"  # FileSystemWriter names this rank's files so; rank 0 hashes the rest (.metadata)
+        return {f"{SHARDED_DIR}/{n}": sha256(os.path.join(shards, n), sync=True)
+                for n in sorted(os.listdir(shards)) if n.startswith(mine)}
+    except Exception as e:
+        return f"rank {ranks.rank}: {type(e).__name__}: {e}"
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException: {rank: (error, traceback)}
+        failures = getattr(e, "failures", None)
+        if not isinstance(failures, dict):
+            raise  # Ctrl-C
+        return "; ".join(f"rank {r}: {type(error).__name__}: {error}" for r, (error, _) in failures.items())
+
+
+@contextlib.contextmanager
+def quiet_on_one_process():
+    """torch.distributed.checkpoint without a process group warns that it assumes one process: it is one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

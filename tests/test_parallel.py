@@ -1,9 +1,10 @@
 """parallel.py: `torchrun --nproc-per-node 2` (gloo, CPU) trains the tiny model to the same weights as
 one process with the same global batch and seed, with DDP and with FSDP2 (and FSDP2 + LoRA with the
-adapters-off KL reference); a checkpoint written by 2 FSDP ranks resumes on 1 process and lands on
-the same weights."""
+adapters-off KL reference); a checkpoint written by 2 FSDP ranks (sharded: tests/test_dcp.py) resumes on
+1 process and lands on the same weights, and so does a 1-process checkpoint on 2 FSDP ranks."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +78,22 @@ def test_two_processes_train_like_one(one_process, kind, tmp_path):
         main(cfg, resume)
         resumed = weights(out)
         assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process, tmp_path):
+    assert os.path.isfile(one_process / "checkpoint-000001" / "model.safetensors")  # one process: transformers files
+    run = tmp_path / "run"  # what a 1-process run that died after its step-1 checkpoint leaves behind
+    run.mkdir()
+    shutil.copy(one_process / "config.json", run / "config.json")
+    shutil.copytree(one_process / "checkpoint-000001", run / "checkpoint-000001")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py",
+           "--resume", str(run), "--parallel", "fsdp"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming {run} from step 1" in done.stdout
+    one, resumed = weights(one_process), weights(run)
+    assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-5
 
 
 def test_two_processes_fsdp_lora_train_like_one(tiny, one_thread, tmp_path):
