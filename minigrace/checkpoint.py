@@ -56,7 +56,7 @@ STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 SHARDED_DIR = "sharded"  # a sharded checkpoint's weights and AdamW state: torch.distributed.checkpoint files
 LOCK_FILE = "run.lock"
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "summary.json", "rejected_rows.jsonl")
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "summary.json", "rejected_rows.jsonl", "curves.png")
 
 
 def rng_state() -> dict:
@@ -75,11 +75,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = None, state_dict: dict | None = None,
-                    merge_adapter: bool = False) -> str:
+                    merge_adapter=None) -> str:
     """Write model + tokenizer (+ trainer state) to `path` atomically. Returns `path`.
 
     state_dict: the full weights when `model` is sharded (parallel.full_state_dicts). A peft model
-    writes its adapter only; merge_adapter also writes `<path>/merged`, the merged plain model.
+    writes its adapter only; merge_adapter(adapter_dir, out_dir) (lora.save_merged) also writes
+    `<path>/merged`, the merged plain model, inside the same atomic write.
 
     A full disk raises DiskFullError: before anything is written when the checkpoint's tensors alone do
     not fit, or when a write runs out of space (the partial temporary directory is removed). Its message
@@ -89,9 +90,8 @@ def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = No
     with removed_on_failure(path, tmp, needed):
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        if merge_adapter:
-            from .lora import save_merged
-            save_merged(tmp, os.path.join(tmp, "merged"))
+        if merge_adapter is not None:
+            merge_adapter(tmp, os.path.join(tmp, "merged"))
         seal_checkpoint(tmp, trainer_state)
     return publish_checkpoint(tmp, path)
 
@@ -160,7 +160,7 @@ def publish_checkpoint(tmp: str, path: str) -> str:
     return path
 
 
-def checkpoint_bytes(model, state_dict: dict | None, trainer_state: dict | None, merge_adapter: bool) -> int:
+def checkpoint_bytes(model, state_dict: dict | None, trainer_state: dict | None, merge_adapter) -> int:
     """A lower bound on a checkpoint's size: the bytes of the distinct tensors it will hold (the
     tokenizer, headers and non-tensor state come on top)."""
     weights = state_dict if state_dict is not None else model.state_dict()
@@ -457,7 +457,8 @@ def _pid_alive(holder: str) -> bool:
 
 def run_files(run_dir: str) -> list[str]:
     """The names in `run_dir` that belong to a training run (config, logs, checkpoints and their leftovers)."""
-    return sorted(n for n in os.listdir(run_dir) if n in RUN_FILES or n.startswith("checkpoint-"))
+    return sorted(n for n in os.listdir(run_dir)
+                  if n in RUN_FILES or n.startswith(("checkpoint-", "events.out.tfevents.")))  # + TensorBoard's
 
 
 def claim_run_dir(run_dir: str, overwrite: bool = False, resuming: bool = False) -> RunLock:

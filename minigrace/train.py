@@ -21,7 +21,7 @@ import torch
 
 from . import lora, parallel
 from .checkpoint import (CheckpointError, claim_run_dir, load_trainer_state, prune_checkpoints, resume_checkpoint,
-                         rng_state, save_checkpoint, set_rng_state, write_json)
+                         rng_state, save_checkpoint, set_rng_state, sharded_dir, write_json)
 from .config import GraceConfig, resume_conflicts
 from .data import Example, PromptBatches, load_examples, split_heldout
 from .eval import MtebEncoder, heldout_retrieval, load_tasks, run_tasks
@@ -49,8 +49,8 @@ def main(cfg: GraceConfig, resume: str = "", reward_fn=compute_rewards) -> dict:
     quiet_transformers()
     try:
         with open_run_dir(cfg, resume, ranks) as (out_dir, resume_from):  # locked until the run ends (issue #16)
-            run = start_run(cfg, ranks, out_dir, resume_from)
-            with StopOnSignal(ranks.is_main) as stop:
+            with StopOnSignal(ranks.is_main) as stop:  # from the start: a SIGTERM while loading still saves
+                run = start_run(cfg, ranks, out_dir, resume_from)
                 train_seconds, reward_means = train_loop(run, reward_fn, stop)
             if stop.requested and run.step < run.total_steps:
                 return stop_early(run)
@@ -206,8 +206,7 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
     model_dtype = resolve_dtype(cfg.dtype, device)
     compute_dtype = model_dtype if device.type == "cuda" and model_dtype != torch.float32 else None
     # Train fp32 weights (AdamW state stays exact) and compute in bf16 under autocast on GPU.
-    from .checkpoint import sharded_dir  # a sharded checkpoint's weights are loaded into the wrapped model (restore)
-    weights_from = None if sharded_dir(resume_from) else resume_from
+    weights_from = None if sharded_dir(resume_from) else resume_from  # sharded: loaded after wrapping (restore)
     if cfg.lora_r:
         base, tokenizer = load_model(cfg.model, str(device), "fp32")
         module = lora.add_adapters(base, cfg, weights_from)
@@ -216,8 +215,9 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
     if cfg.grad_checkpointing:  # non-reentrant: works with a frozen base (LoRA) too
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
-    if cfg.kl_coef > 0 and not cfg.lora_r:
-        ref_model = copy.deepcopy(module).eval().requires_grad_(False)
+    if cfg.kl_coef > 0 and not cfg.lora_r:  # the KL reference is the initial model, also on --resume
+        initial = load_model(cfg.model, str(device), "fp32")[0] if weights_from else copy.deepcopy(module)
+        ref_model = initial.eval().requires_grad_(False)
     vllm = None
     if cfg.rollout == "vllm":
         from .vllm_rollout import make_vllm_rollout  # vllm is optional (GPU only)
@@ -229,7 +229,6 @@ def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | Non
 def restore(run: Run, state: dict) -> None:
     """Continue exactly where the checkpoint left off: optimizer (and a sharded checkpoint's weights),
     schedule, data order, RNGs (each rank its own when the number of processes is the same), counters."""
-    from .checkpoint import sharded_dir
     ranks, shards = run.policy.ranks, sharded_dir(state["checkpoint_dir"])
     if shards:  # every rank reads its part of the weights and AdamW state, saved on any number of ranks
         parallel.load_sharded_state(run.policy.model, run.optimizer, shards)
@@ -379,7 +378,7 @@ def checkpoint(run: Run, name: str, final: bool = False) -> str:
         if ranks.is_main:
             try:
                 save_checkpoint(path, policy.module, policy.tokenizer, state, state_dict=weights,
-                                merge_adapter=final and policy.lora)
+                                merge_adapter=lora.save_merged if final and policy.lora else None)
             except CheckpointError as e:  # e.g. DiskFullError: every rank stops, not only rank 0 (issue #16)
                 failed = e
     failed = parallel.wait_for_main(ranks, failed)
