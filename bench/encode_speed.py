@@ -148,8 +148,7 @@ def pooled_no_prefix(model, tok, prompts, args):
     eos = eos_token_ids(model, tok)
     embeddings = torch.empty(len(prompts), model.config.hidden_size)
     responses = [None] * len(prompts)
-    lengths = [len(p.ids) + args.max_new_tokens for p in prompts]
-    for index in length_batches(lengths, args.batch_size, args.max_tokens):
+    for index in length_batches([len(p.ids) for p in prompts], args.batch_size, args.max_tokens):
         rollouts, pooled = sample(model, [prompts[i] for i in index], torch.zeros(len(index)),
                                   max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=tok.pad_token_id,
                                   top_p=1.0, generator=None, noise=None, share_prefix=False, drop_finished=True,
@@ -237,13 +236,15 @@ def print_table(result: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     texts = heldout_texts(args.limit)
-    print(environment("cpu"))
+    start = environment("cpu")
+    print(start)
     results = []
     for name in args.model_list:
         results.append(bench_model(name, texts, args))
         print_table(results[-1])
     meta = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                reps=args.reps, texts="everyday held-out: query, paraphrase, positive", greedy=True)
+                reps=args.reps, texts="everyday held-out: query, paraphrase, positive", greedy=True,
+                load_avg_at_start=start["load_avg_at_start"], load_avg_at_end=environment("cpu")["load_avg_at_start"])
     if not args.quick:
         print(f"\nwrote {write_json('encode_speed', 'cpu', meta, results, args.out)}")
     return results

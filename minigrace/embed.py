@@ -116,10 +116,11 @@ def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens
     """GRACE at inference: write a rationale for each templated prompt, embed prompt + rationale.
 
     → (embeddings [n, H] fp32 on CPU; rationale token ids, EOS included). rationale=False pools the
-    prompt alone. Prompts are batched by length (longest first, ≤ batch_size rows, rows × (prompt +
-    max_new_tokens) ≤ max_tokens_per_microbatch); results come back in input order. The pooled states are
-    collected while the rationale is written (rollout.generate_pooled): no second forward. Row i's
-    sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching."""
+    prompt alone. Prompts are batched by length: longest first, ≤ batch_size rows (that bounds the KV
+    cache), rows × longest prompt ≤ max_tokens_per_microbatch (that bounds the prefill, whose hidden states
+    are kept, as forward_rollouts keeps a micro-batch's); results come back in input order. The pooled
+    states are collected while the rationale is written (rollout.generate_pooled): no second forward.
+    Row i's sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -128,7 +129,7 @@ def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens
     generator = torch.Generator(device=model.device).manual_seed(seed)
     noise = torch.rand(len(prompts), new_tokens, generator=generator, device=model.device)  # [n, R]
     eos_ids, pad_id = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
-    batches = length_batches([len(p.ids) + new_tokens for p in prompts], batch_size, max_tokens_per_microbatch)
+    batches = length_batches([len(p.ids) for p in prompts], batch_size, max_tokens_per_microbatch)
     embeddings = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
     responses: list[list[int]] = [[] for _ in prompts]
     try:
