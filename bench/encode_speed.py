@@ -15,7 +15,7 @@ pooling rule (last-layer states over user text + assistant header + rationale + 
                           embed.forward_rollouts (a second forward over prompt + rationale)
     pooled, no prefix     the pooled states collected during generation (no second forward), rows leave the
                           batch at EOS, batches by length and token budget, every prompt prefilled in full
-    minigrace (now)       embed.embed_prompts = the above + the shared system prompt prefilled once per batch
+    minigrace (now)       encode.embed_prompts = the above + the shared system prompt prefilled once per batch
                           (its KV cache copied to every row): what Encoder.encode runs
 
 Texts: the everyday held-out set (minigrace/worlds/corpora/everyday_heldout.jsonl): each row's query,
@@ -142,7 +142,7 @@ def two_pass(model, tok, prompts, args):
 @torch.no_grad()
 def pooled_no_prefix(model, tok, prompts, args):
     """embed_prompts' loop with every prompt prefilled in full (rollout.sample with share_prefix=False)."""
-    from minigrace.embed import length_batches
+    from minigrace.encode import length_batches
     from minigrace.rollout import eos_token_ids, sample
 
     eos = eos_token_ids(model, tok)
@@ -160,7 +160,7 @@ def pooled_no_prefix(model, tok, prompts, args):
 
 
 def minigrace_now(model, tok, prompts, args):
-    from minigrace.embed import embed_prompts
+    from minigrace.encode import embed_prompts
 
     return embed_prompts(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          max_tokens_per_microbatch=args.max_tokens)

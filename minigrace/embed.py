@@ -5,10 +5,9 @@ pool_mask (user text + assistant header + rationale + EOS, the system prompt exc
 step the same no-grad forward also gives the log-probs of the response tokens under the sampling
 policy, which the clipped ratio needs later: one forward pass, two results (`forward_rollouts`).
 
-At inference there are no log-probs to compute, so `embed_prompts` (the Encoder, held-out evaluation)
-skips that forward: rollout.generate_pooled collects the same last-layer states while it writes the
-rationale (the prompt's from the prefill, each rationale token's from the decode step that feeds it).
-Same span, same mean, same normalization: the two agree to fp32 noise (tests/test_embed.py).
+At inference there are no log-probs to compute, so the Encoder (encode.embed_prompts) skips this forward:
+rollout.generate_pooled collects the same last-layer states while it writes the rationale. Same span,
+same mean, same normalization: the two agree to fp32 noise (tests/test_embed.py).
 """
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ import torch
 
 from .kernels import masked_mean_pool_span
 from .loss import response_logprobs
-from .prompts import ChatPrompt
-from .rollout import Rollouts, eos_token_ids, generate_pooled, position_ids
+from .rollout import Rollouts, position_ids
 
 
 def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -93,55 +91,3 @@ def forward_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int, 
             lm_head = model.get_output_embeddings().weight
             old_logprobs[rows, cols] = response_logprobs(hidden, lm_head, part.ids, part.response_mask, logprob_chunk)
     return Forward(embeddings, old_logprobs)
-
-
-def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Row indices sorted longest first, cut into batches of at most max_rows rows whose padded size
-    (rows × the batch's longest length) stays within max_tokens (a longer row gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < max_rows and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-@torch.no_grad()
-def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens: int, batch_size: int = 64,
-                  rationale: bool = True, temperature: float = 0.0, seed: int = 0, normalize: bool = True,
-                  max_tokens_per_microbatch: int = 16384, progress: bool = False
-                  ) -> tuple[torch.Tensor, list[list[int]]]:
-    """GRACE at inference: write a rationale for each templated prompt, embed prompt + rationale.
-
-    → (embeddings [n, H] fp32 on CPU; rationale token ids, EOS included). rationale=False pools the
-    prompt alone. Prompts are batched by length: longest first, ≤ batch_size rows (that bounds the KV
-    cache), rows × longest prompt ≤ max_tokens_per_microbatch (that bounds the prefill, whose hidden states
-    are kept, as forward_rollouts keeps a micro-batch's); results come back in input order. The pooled
-    states are collected while the rationale is written (rollout.generate_pooled): no second forward.
-    Row i's sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    new_tokens = max_new_tokens if rationale else 0
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    noise = torch.rand(len(prompts), new_tokens, generator=generator, device=model.device)  # [n, R]
-    eos_ids, pad_id = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
-    batches = length_batches([len(p.ids) for p in prompts], batch_size, max_tokens_per_microbatch)
-    embeddings = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
-    responses: list[list[int]] = [[] for _ in prompts]
-    try:
-        for index in tqdm(batches, desc="encode", disable=not progress, leave=False):
-            temps = torch.full((len(index),), float(temperature))
-            rollouts, pooled = generate_pooled(model, [prompts[i] for i in index], temps, max_new_tokens=new_tokens,
-                                               eos_ids=eos_ids, pad_id=pad_id, noise=noise[index])  # [b, H]
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12)  # as masked_mean_pool does
-            embeddings[index] = pooled.cpu()
-            for i, ids in zip(index, rollouts.responses()):
-                responses[i] = ids
-    finally:
-        model.train(was_training)
-    return embeddings, responses

@@ -11,7 +11,7 @@ the last-layer hidden states over user text + assistant header + rationale + EOS
 training rule, applied to the token ids (no decode/re-tokenize round trip). rationale="none" pools
 the prompt alone (user text + assistant header): the paper's "Base" embedding.
 
-Speed (embed.embed_prompts): texts are batched by length (longest first, within a token budget), the
+Speed (embed_prompts): texts are batched by length (longest first, within a token budget), the
 system prompt is prefilled once per batch, a row leaves the batch at its EOS, and the pooled states are
 collected while the rationale is written, so there is no second forward (`python bench/encode_speed.py`).
 
@@ -32,8 +32,8 @@ import warnings
 import numpy as np
 import torch
 
-from .embed import embed_prompts
 from .prompts import ChatPrompt, chat_prompt
+from .rollout import eos_token_ids, generate_pooled
 
 # GRACE's evaluation limits (eval_mteb.py: THINKING_MAX_LENGTH, INPUT_MAX_LENGTH).
 GRACE_MAX_NEW_TOKENS = 2048
@@ -43,6 +43,58 @@ RATIONALE_MODES = ("generate", "none")
 
 # -----------------------------------------------------------------------------
 # Texts → embeddings (the trainer's held-out evaluation and the Encoder)
+
+
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Row indices sorted longest first, cut into batches of at most max_rows rows whose padded size
+    (rows × the batch's longest length) stays within max_tokens (a longer row gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_rows and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.no_grad()
+def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens: int, batch_size: int = 64,
+                  rationale: bool = True, temperature: float = 0.0, seed: int = 0, normalize: bool = True,
+                  max_tokens_per_microbatch: int = 16384, progress: bool = False
+                  ) -> tuple[torch.Tensor, list[list[int]]]:
+    """GRACE at inference: write a rationale for each templated prompt, embed prompt + rationale.
+
+    → (embeddings [n, H] fp32 on CPU; rationale token ids, EOS included). rationale=False pools the
+    prompt alone. Prompts are batched by length: longest first, ≤ batch_size rows (that bounds the KV
+    cache), rows × longest prompt ≤ max_tokens_per_microbatch (that bounds the prefill, whose hidden states
+    are kept, as forward_rollouts keeps a micro-batch's); results come back in input order. The pooled
+    states are collected while the rationale is written (rollout.generate_pooled): no second forward.
+    Row i's sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    new_tokens = max_new_tokens if rationale else 0
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    noise = torch.rand(len(prompts), new_tokens, generator=generator, device=model.device)  # [n, R]
+    eos_ids, pad_id = eos_token_ids(model, tokenizer), tokenizer.pad_token_id
+    batches = length_batches([len(p.ids) for p in prompts], batch_size, max_tokens_per_microbatch)
+    embeddings = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
+    responses: list[list[int]] = [[] for _ in prompts]
+    try:
+        for index in tqdm(batches, desc="encode", disable=not progress, leave=False):
+            temps = torch.full((len(index),), float(temperature))
+            rollouts, pooled = generate_pooled(model, [prompts[i] for i in index], temps, max_new_tokens=new_tokens,
+                                               eos_ids=eos_ids, pad_id=pad_id, noise=noise[index])  # [b, H]
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12)  # as masked_mean_pool does
+            embeddings[index] = pooled.cpu()
+            for i, ids in zip(index, rollouts.responses()):
+                responses[i] = ids
+    finally:
+        model.train(was_training)
+    return embeddings, responses
 
 
 def embed_texts(model, tokenizer, texts: list[str], *, max_new_tokens: int, max_prompt_len: int,

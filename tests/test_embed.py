@@ -4,7 +4,8 @@ rows change no token, and forward_rollouts' span pool is bit-identical to the de
 import pytest
 import torch
 
-from minigrace.embed import embed_prompts, forward_rollouts, length_batches, policy_forward, pool_span, trim
+from minigrace.embed import forward_rollouts, policy_forward, pool_span, trim
+from minigrace.encode import embed_prompts, length_batches
 from minigrace.kernels import masked_mean_pool_reference, span_mask
 from minigrace.prompts import chat_prompt
 from minigrace.rollout import cat_rollouts, eos_token_ids, generate, generate_pooled, shared_prefix_length
