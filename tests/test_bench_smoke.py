@@ -90,6 +90,10 @@ def test_real_model_trains_with_the_smollm2_preset(tmp_path):
             assert getattr(cfg, name) == value, name
     args = real_model.parse_args(["--supervised", "a/checkpoint-final", "--unsupervised", "b/checkpoint-final"])
     assert args.supervised == "a/checkpoint-final" and args.out.endswith("real_model_cpu.json")
+    assert args.data == "everyday" and args.modes == ["supervised", "unsupervised"]
+    args = real_model.parse_args(["--data", "realtext", "--modes", "supervised"])
+    assert args.modes == ["supervised"] and args.out.endswith("real_model_realtext_cpu.json")
+    assert real_model.parse_args(["--data", "realtext", "--out", "x.json"]).out == "x.json"
     # run_record reads a run directory, also one stopped early (no summary.json)
     (tmp_path / "checkpoint-final").mkdir()
     (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved_mode": "supervised"}))
