@@ -105,7 +105,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Log-ratios are clamped to ±20 before exp, so an extreme ratio gives 0 gradient, never inf·0 = NaN.
 
     logprobs/old_logprobs/ref_logprobs [n, L]; advantages [n] (one per rationale); response_mask [n, L].
-    Returns the loss of these rows (sum over their tokens / token_count) and summed statistics:
+    Returns the loss of these rows (sum over their tokens / token_count) and summed statistics (0-dim tensors):
     clip_frac_sum: tokens where the clip was active, i.e. the clipped term was taken (r > 1+ε with A > 0,
     r < 1−ε with A < 0; TRL's clipped-region count; a ratio outside the band whose unclipped term is
     the smaller loss is not clipped); dual_clip_frac_sum: tokens held at c·|A| (verl's pg_clipfrac_lower).
@@ -116,12 +116,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
     per_token = torch.maximum(unclipped, clipped)
-    stats = {"clip_frac_sum": ((clipped > unclipped).float() * mask).sum().item(), "dual_clip_frac_sum": 0.0}
+    # Statistics stay on the device (0-dim tensors, no host sync per micro-batch); the caller sums them.
+    stats = {"clip_frac_sum": ((clipped > unclipped).float() * mask).sum().detach(),
+             "dual_clip_frac_sum": torch.zeros((), device=mask.device)}
     if dual_clip > 0:
         bound = -adv * dual_clip  # [n, 1], positive where A < 0
         held = (adv < 0) & (per_token > bound)
         per_token = torch.where(held, bound, per_token)
-        stats["dual_clip_frac_sum"] = (held.float() * mask).sum().item()
+        stats["dual_clip_frac_sum"] = (held.float() * mask).sum().detach()
     if ref_logprobs is not None and kl_coef > 0:
         # k3 estimator of KL(π || π_ref): exp(q) - q - 1 with q = log π_ref - log π; ≥ 0, low variance.
         q = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
@@ -129,6 +131,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         if kl_clamp > 0:
             kl = kl.clamp(-kl_clamp, kl_clamp)
         per_token = per_token + kl_coef * kl
-        stats["kl_sum"] = (kl.detach() * mask).sum().item()
+        stats["kl_sum"] = (kl.detach() * mask).sum()
     loss = (per_token * mask).sum() / token_count
     return loss, stats

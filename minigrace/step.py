@@ -223,6 +223,7 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     model.train()
     rows_per_update = cfg.mini_batch_size // ranks.world * cfg.group_size
     stats = UpdateStats(0.0, 0.0, 0.0, 0.0, 0, 0)
+    sums = torch.zeros(4, device=main.ids.device)  # loss, clip, dual clip, KL: on the device until the end
     for _ in range(cfg.ppo_epochs):
         for start in range(0, main.ids.shape[0], rows_per_update):
             update_rows = torch.arange(start, start + rows_per_update, device=main.ids.device)
@@ -236,10 +237,8 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
                                                None if ref_logprobs is None else ref_logprobs[rows], normalizer, cfg)
                     (loss * float(i < n_real)).backward()  # padding passes contribute nothing
                 if i < n_real:
-                    stats.loss += loss.item()
-                    stats.clip_frac_sum += s["clip_frac_sum"]
-                    stats.kl_sum += s.get("kl_sum", 0.0)
-                    stats.dual_clip_frac_sum += s["dual_clip_frac_sum"]
+                    sums += torch.stack([loss.detach().float(), s["clip_frac_sum"], s["dual_clip_frac_sum"],
+                                         s.get("kl_sum", torch.zeros_like(s["clip_frac_sum"]))])
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -250,9 +249,9 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
                 stats.skipped_updates += 1
             optimizer.zero_grad(set_to_none=True)
             stats.n_updates += 1
-    stats.tokens = float(main.response_mask.sum()) * cfg.ppo_epochs
+    tokens = float(main.response_mask.sum()) * cfg.ppo_epochs
     stats.loss, stats.clip_frac_sum, stats.dual_clip_frac_sum, stats.kl_sum, stats.tokens = ranks.sum(
-        [stats.loss, stats.clip_frac_sum, stats.dual_clip_frac_sum, stats.kl_sum, stats.tokens])
+        sums.tolist() + [tokens])
     stats.loss /= ranks.world
     return stats
 

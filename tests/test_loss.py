@@ -84,11 +84,11 @@ def test_k3_kl_is_zero_at_reference_and_positive_elsewhere():
     mask = torch.ones(1, 2, dtype=torch.bool)
     zero_adv = torch.zeros(1)
     loss, stats = policy_loss(logp, logp, zero_adv, mask, 0.2, 2, ref_logprobs=logp.clone(), kl_coef=0.1)
-    assert loss.item() == pytest.approx(0.0, abs=1e-7) and stats["kl_sum"] == pytest.approx(0.0, abs=1e-7)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7) and float(stats["kl_sum"]) == pytest.approx(0.0, abs=1e-7)
     ref = torch.tensor([[-1.5, -2.0]])
     loss, stats = policy_loss(logp, logp, zero_adv, mask, 0.2, 2, ref_logprobs=ref, kl_coef=0.1)
     r = -0.5  # log π_ref − log π at the first token
-    assert stats["kl_sum"] == pytest.approx(math.exp(r) - r - 1, rel=1e-5)
+    assert float(stats["kl_sum"]) == pytest.approx(math.exp(r) - r - 1, rel=1e-5)
     assert loss.item() == pytest.approx(0.1 * (math.exp(r) - r - 1) / 2, rel=1e-5)
 
 
@@ -252,7 +252,7 @@ def test_kl_clamp_bounds_the_k3_term_like_verl():
     loss, stats = policy_loss(logp, logp.detach(), torch.zeros(1), mask, 0.2, 3, ref_logprobs=ref, kl_coef=0.1,
                               kl_clamp=10.0)
     k3 = math.exp(0.5) - 0.5 - 1
-    assert stats["kl_sum"] == pytest.approx(k3 + 10 + 10, rel=1e-5)
+    assert float(stats["kl_sum"]) == pytest.approx(k3 + 10 + 10, rel=1e-5)
     assert loss.item() == pytest.approx(0.1 * (k3 + 20) / 3, rel=1e-5)
     loss.backward()
     assert torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0 and logp.grad[0, 2] == 0
