@@ -387,8 +387,8 @@ def _coerce(path: str, name: str, value):
 
 # What a resumed run may change: how long it runs, what it logs and evaluates, not what it trains.
 # How it runs (processes, sharding, offload, rollout engine) may change too: checkpoints hold full state.
-RESUMABLE = ("max_steps", "epochs", "log_every", "report_to", "eval_every", "eval_tasks", "eval_size", "save_every", "keep_last",
-             "max_bad_steps", "device", "parallel", "offload", "rollout", "rollout_rows", "vllm_gpu_memory")
+RESUMABLE = ("max_steps", "epochs", "log_every", "report_to", "eval_every", "eval_tasks", "eval_size", "save_every",
+             "keep_last", "max_bad_steps", "device", "parallel", "offload", "rollout", "rollout_rows", "vllm_gpu_memory")
 # Fields added after runs were saved without them: such a run trained without them, and resumes so.
 ADDED_SINCE = {"recipe": "minigrace", "dual_clip": 0.0, "kl_clamp": 0.0}
 
