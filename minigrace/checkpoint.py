@@ -313,12 +313,12 @@ def check_model_dir(path: str) -> None:
         raise CorruptCheckpoint(f"{path}: a checkpoint that was never finished (the temporary directory of a save "
                                 f"that was interrupted); use a complete one, e.g. {name.split('.tmp-')[0]} or the "
                                 f"run's newest checkpoint-NNNNNN")
+    if sharded_dir(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):  # before hashing it
+        raise CheckpointError(f"{path}: a sharded training checkpoint (each FSDP rank's part of the weights and "
+                              f"optimizer, for --resume): it holds no transformers model; use the run's "
+                              f"checkpoint-final")
     if os.path.exists(os.path.join(path, MANIFEST)):  # a minigrace checkpoint: every model file has its hash
         verify_checkpoint(path, trainer_state="skip")
-        if sharded_dir(path) and not any(n.endswith(".safetensors") for n in os.listdir(path)):
-            raise CheckpointError(f"{path}: a sharded training checkpoint (each FSDP rank's part of the weights and "
-                                  f"optimizer, for --resume): it holds no transformers model; use the run's "
-                                  f"checkpoint-final")
         return
     files = sorted(os.listdir(path))
     for file in files:

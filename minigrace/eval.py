@@ -215,11 +215,11 @@ def everyday_tasks() -> list:
         sts_range=(0, 3))
 
 
-def realtext_tasks(rows: list[dict] | None = None) -> list:
+def realtext_tasks() -> list:
     """The three held-out tasks of the real-text set (minigrace/worlds/realtext.py), from its held-out rows."""
     from .worlds.realtext import realtext_clustering_data, realtext_retrieval_data, realtext_rows, realtext_sts_pairs
 
-    rows = realtext_rows("heldout") if rows is None else rows
+    rows = realtext_rows("heldout")
     pairs, (texts, labels) = realtext_sts_pairs(rows), realtext_clustering_data(rows)
     return in_memory_tasks(
         REALTEXT_TASKS, "minigrace/realtext",

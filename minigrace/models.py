@@ -62,10 +62,10 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", for_trainin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(name)
-    if os.path.isdir(source):  # a half-written or corrupted checkpoint: say which file, not a loader traceback
-        check_model_dir(source)
-    if os.path.isdir(source) and is_adapter_dir(source):  # a LoRA checkpoint: its base + the merged adapter
-        return load_merged(source, device, dtype, for_training)
+    if os.path.isdir(source):
+        check_model_dir(source)  # a half-written or corrupted checkpoint: say which file, not a loader traceback
+        if is_adapter_dir(source):  # a LoRA checkpoint: its base + the merged adapter
+            return load_merged(source, device, dtype, for_training)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if not os.path.isdir(source) and ("/" not in source or source.startswith((".", "/", "~"))):
