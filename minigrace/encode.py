@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .prompts import ChatPrompt, chat_prompt
-from .rollout import eos_token_ids, generate_pooled
+from .rollout import POOLINGS, eos_token_ids, generate_pooled
 
 # GRACE's evaluation limits (eval_mteb.py: THINKING_MAX_LENGTH, INPUT_MAX_LENGTH).
 GRACE_MAX_NEW_TOKENS = 2048
@@ -61,7 +61,7 @@ def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[l
 @torch.no_grad()
 def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens: int, batch_size: int = 64,
                   rationale: bool = True, temperature: float = 0.0, seed: int = 0, normalize: bool = True,
-                  max_tokens_per_microbatch: int = 16384, progress: bool = False
+                  max_tokens_per_microbatch: int = 16384, progress: bool = False, pooling: str = "text+rationale"
                   ) -> tuple[torch.Tensor, list[list[int]]]:
     """GRACE at inference: write a rationale for each templated prompt, embed prompt + rationale.
 
@@ -70,7 +70,9 @@ def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens
     cache), rows × longest prompt ≤ max_tokens_per_microbatch (that bounds the prefill, whose hidden states
     are kept, as forward_rollouts keeps a micro-batch's); results come back in input order. The pooled
     states are collected while the rationale is written (rollout.generate_pooled): no second forward.
-    Row i's sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching."""
+    Row i's sampling noise is drawn for it from `seed`, so a sampled rationale does not depend on the batching.
+    pooling: GRACE's text+rationale mean (the training rule), the rationale alone, or a ½/½ mix of the two
+    parts' means (rollout.POOLINGS)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -86,7 +88,8 @@ def embed_prompts(model, tokenizer, prompts: list[ChatPrompt], *, max_new_tokens
         for index in tqdm(batches, desc="encode", disable=not progress, leave=False):
             temps = torch.full((len(index),), float(temperature))
             rollouts, pooled = generate_pooled(model, [prompts[i] for i in index], temps, max_new_tokens=new_tokens,
-                                               eos_ids=eos_ids, pad_id=pad_id, noise=noise[index])  # [b, H]
+                                               eos_ids=eos_ids, pad_id=pad_id, noise=noise[index],
+                                               pooling=pooling)  # [b, H]
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1, eps=1e-12)  # as masked_mean_pool does
             embeddings[index] = pooled.cpu()
@@ -204,14 +207,20 @@ class Encoder:
     def encode(self, texts, batch_size: int = 32, normalize_embeddings: bool = True,
                show_progress_bar: bool | None = None, return_rationales: bool = False, rationale: str = "generate",
                max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
-               convert_to_numpy: bool = True, convert_to_tensor: bool = False):
+               pooling: str = "text+rationale", convert_to_numpy: bool = True, convert_to_tensor: bool = False):
         """Embed a str → [H], or a list of str → [N, H] (numpy by default; a CPU tensor with
         convert_to_tensor=True). With return_rationales=True: (embeddings, rationale strings).
 
         rationale="generate" writes a rationale per text (greedy at temperature 0, else sampled with
-        `seed`); "none" pools the prompt alone (the paper's "Base" column)."""
+        `seed`); "none" pools the prompt alone (the paper's "Base" column). pooling: "text+rationale" (GRACE's
+        rule, the one training uses), "rationale" (the rationale's states alone) or "mix" (the text's mean and
+        the rationale's mean, ½ each)."""
         if rationale not in RATIONALE_MODES:
             raise ValueError(f"rationale must be one of {RATIONALE_MODES}, got {rationale!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling != "text+rationale" and rationale == "none":
+            raise ValueError(f"pooling={pooling!r} needs a rationale: rationale='none' pools the text alone")
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if temperature < 0:
@@ -233,7 +242,7 @@ class Encoder:
                 self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens or self.max_new_tokens,
                 batch_size=batch_size, rationale=rationale == "generate", temperature=temperature, seed=seed,
                 normalize=normalize_embeddings, max_tokens_per_microbatch=self.max_tokens_per_microbatch,
-                progress=show_progress_bar)
+                progress=show_progress_bar, pooling=pooling)
         else:
             emb, responses = torch.empty(0, self.get_sentence_embedding_dimension()), []
         rationales = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []

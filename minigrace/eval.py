@@ -33,6 +33,7 @@ import torch
 
 from .encode import Encoder, cos_sim, embed_texts, pairwise_cos_sim, run_config
 from .metrics import retrieval_metrics
+from .rollout import POOLINGS
 from .worlds.everyday import EVERYDAY_TASKS
 from .worlds.realtext import REALTEXT_TASKS
 
@@ -73,12 +74,14 @@ class MtebEncoder:
     """
 
     def __init__(self, encoder: Encoder, rationale: str = "generate", name: str | None = None,
-                 temperature: float = 0.0, seed: int = 0, show_progress_bar: bool = False):
+                 temperature: float = 0.0, seed: int = 0, show_progress_bar: bool = False,
+                 pooling: str = "text+rationale"):
         from mteb.models.model_meta import ModelMeta, ScoringFunction
 
         self.encoder, self.rationale = encoder, rationale
         self.cache: dict[str, np.ndarray] = {}  # text → embedding: tasks share texts (greedy is exact)
         self.temperature, self.seed, self.show_progress_bar = temperature, seed, show_progress_bar
+        self.pooling = pooling
         self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
             name=f"minigrace/{model_slug(name or encoder.name)}",
             revision="local",
@@ -89,7 +92,7 @@ class MtebEncoder:
             framework=["PyTorch", "Transformers"],
             use_instructions=False,
             experiment_kwargs={"rationale": rationale, "max_new_tokens": encoder.max_new_tokens,
-                               "temperature": temperature},
+                               "temperature": temperature, "pooling": pooling},
         ))
 
     def encode(self, inputs, *, task_metadata=None, hf_split: str = "", hf_subset: str = "", prompt_type=None,
@@ -100,7 +103,7 @@ class MtebEncoder:
         new = texts if self.temperature > 0 else list(dict.fromkeys(t for t in texts if t not in self.cache))
         if new:
             emb = self.encoder.encode(new, batch_size=kwargs.get("batch_size", 32), rationale=self.rationale,
-                                      temperature=self.temperature, seed=self.seed,
+                                      temperature=self.temperature, seed=self.seed, pooling=self.pooling,
                                       show_progress_bar=self.show_progress_bar)  # numpy [n, H] fp32
             if self.temperature > 0:
                 return emb
@@ -394,6 +397,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="base model for --compare (default: the 'model' field of the checkpoint's run config.json)")
     p.add_argument("--rationale", default="generate", choices=("generate", "none"),
                    help="without --compare: write a rationale (GRACE) or pool the text alone (default: generate)")
+    p.add_argument("--pooling", default="text+rationale", choices=POOLINGS,
+                   help="how a rationale's embedding is pooled: text+rationale (GRACE's rule, the one training "
+                        "uses: one mean over text and rationale tokens), rationale (its tokens alone), mix (the "
+                        "text's mean and the rationale's mean, ½ each) (default: text+rationale)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="rationale sampling temperature: 0 = greedy (default), > 0 samples with --seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --temperature > 0 (default: 0)")
     p.add_argument("--out", default="", help="output directory (default: runs/eval-<timestamp>)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per generation batch (default: 32)")
     p.add_argument("--max-new-tokens", type=int, default=0,
@@ -452,8 +462,9 @@ def evaluate_columns(args, columns: list[str], tasks: list, out_dir: str) -> tup
             gc.collect()
             loaded[model_name] = Encoder(model_name, device=args.device, dtype=args.dtype, **lengths)
             print(f"loaded {loaded[model_name]}", flush=True)
-        adapter = MtebEncoder(loaded[model_name], rationale=rationale, name=model_name,
-                              show_progress_bar=not args.quiet)
+        pooling = args.pooling if rationale == "generate" else "text+rationale"  # no rationale: the text alone
+        adapter = MtebEncoder(loaded[model_name], rationale=rationale, name=model_name, pooling=pooling,
+                              temperature=args.temperature, seed=args.seed, show_progress_bar=not args.quiet)
         t0 = time.perf_counter()
         scores[label], failed[label] = run_tasks(adapter, tasks, out_dir, args.batch_size, not args.quiet, label)
         print(f"{label}: {model_name}, rationale={rationale}: {len(scores[label])} task(s) in "
@@ -477,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
         if args.max_new_tokens < 0 or args.max_prompt_len < 0:
             raise ValueError("--max-new-tokens and --max-prompt-len must be ≥ 1 (0 = the default)")
+        if args.temperature < 0:
+            raise ValueError(f"--temperature must be ≥ 0 (0 = greedy), got {args.temperature}")
+        if args.pooling != "text+rationale" and args.rationale == "none" and not columns:
+            raise ValueError(f"--pooling {args.pooling} needs a rationale: --rationale none pools the text alone")
         if columns and args.rationale != "generate":
             raise ValueError("--rationale applies without --compare; --compare sets it per column")
         if columns and not args.base:
@@ -504,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     categories = {t.metadata.name: t.metadata.type for t in tasks}
     summary = summarize(scores, categories)
     summary.update(model=args.model, base=(args.base or base_model_of(args.model)) if columns else None,
-                   rationale=None if columns else args.rationale, skipped=skipped, failed=failed)
+                   rationale=None if columns else args.rationale, pooling=args.pooling,
+                   temperature=args.temperature, seed=args.seed, skipped=skipped, failed=failed)
     path = os.path.join(out_dir, "compare.json" if columns else "scores.json")
     with open(path, "w") as fh:
         json.dump(summary, fh, indent=2)

@@ -188,25 +188,44 @@ def generate(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max
                   drop_finished=drop_finished)[0]
 
 
+# How generate_pooled averages the states (inference only; training always uses GRACE's rule):
+#   text+rationale  GRACE's rule: one mean over every pooled token, user text + header + rationale + EOS
+#   rationale       the rationale's tokens (EOS included) alone
+#   mix             mean(text part) and mean(rationale part) weighted ½ each, whatever their lengths
+POOLINGS = ("text+rationale", "rationale", "mix")
+
+
 @torch.no_grad()
 def generate_pooled(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
                     eos_ids: list[int], pad_id: int, top_p: float = 1.0, noise: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> tuple[Rollouts, torch.Tensor]:
-    """generate, plus each rollout's mean last-layer hidden state over its pool_mask [N, H] fp32, collected
-    while generating: the prefill gives the prompt tokens' states, each decode step the fed token's, and one
-    last step feeds the final tokens. The same numbers as a second forward over prompt + rationale
-    (embed.forward_rollouts) up to floating-point noise, without that forward. max_new_tokens=0 pools the
-    prompt alone."""
-    rollouts, pooled = sample(model, prompts, temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                              pad_id=pad_id, top_p=top_p, generator=generator, noise=noise, share_prefix=True,
-                              drop_finished=True, pool=True)
-    return rollouts, pooled
+                    generator: torch.Generator | None = None, pooling: str = "text+rationale"
+                    ) -> tuple[Rollouts, torch.Tensor]:
+    """generate, plus each rollout's pooled last-layer hidden state [N, H] fp32, collected while generating:
+    the prefill gives the prompt tokens' states, each decode step the fed token's, and one last step feeds
+    the final tokens. With GRACE's pooling (text+rationale) the same numbers as a second forward over
+    prompt + rationale (embed.forward_rollouts) up to floating-point noise, without that forward.
+    max_new_tokens=0 pools the prompt alone (text+rationale pooling only)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling != "text+rationale" and max_new_tokens == 0:
+        raise ValueError(f"pooling={pooling!r} needs a rationale (max_new_tokens ≥ 1)")
+    rollouts, (text_sum, text_count, rationale_sum, rationale_count) = sample(
+        model, prompts, temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, top_p=top_p,
+        generator=generator, noise=noise, share_prefix=True, drop_finished=True, pool=True)
+    if pooling == "text+rationale":
+        return rollouts, (text_sum + rationale_sum) / (text_count + rationale_count).clamp(min=1)[:, None]
+    rationale_mean = rationale_sum / rationale_count.clamp(min=1)[:, None]
+    if pooling == "rationale":
+        return rollouts, rationale_mean
+    return rollouts, 0.5 * (text_sum / text_count.clamp(min=1)[:, None] + rationale_mean)
 
 
 def sample(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
            pad_id: int, top_p: float, generator, noise, share_prefix: bool, drop_finished: bool, pool: bool = False
-           ) -> tuple[Rollouts, torch.Tensor | None]:
-    """The decode loop behind generate and generate_pooled → (Rollouts, pooled mean [N, H] fp32 or None)."""
+           ) -> tuple[Rollouts, tuple | None]:
+    """The decode loop behind generate and generate_pooled → (Rollouts, None), or with pool=True (Rollouts,
+    (text_sum [N, H], text_count [N], rationale_sum [N, H], rationale_count [N])): fp32 sums of the last-layer
+    states over the prompt's pooled tokens and over the rationale's (EOS included)."""
     device, n = model.device, len(prompts)
     if noise is None:
         gen_device = generator.device if generator is not None else "cpu"
@@ -218,8 +237,9 @@ def sample(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_n
     if pool:  # the prompt's pooled tokens: from pool_start on, real tokens only
         columns = torch.arange(attention.shape[1], device=device)
         in_pool = (columns[None, :] >= pool_start[:, None]) & attention.bool()  # [N, W]
-        pooled_sum = torch.einsum("nwh,nw->nh", hidden.float(), in_pool.float())  # [N, H]
-        pooled_count = in_pool.sum(-1)
+        text_sum = torch.einsum("nwh,nw->nh", hidden.float(), in_pool.float())  # [N, H]
+        text_count = in_pool.sum(-1).float()  # [N]
+        rationale_sum = torch.zeros_like(text_sum)  # [N, H]
 
     response = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, R]
     alive = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)  # the token belongs to the response
@@ -238,7 +258,7 @@ def sample(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_n
         # Feed the token: its logits give the next token, its hidden state (EOS included) is pooled.
         logits, hidden = decoder.step(token, alive[rows, t], logits=not last)
         if pool:
-            pooled_sum[rows] += torch.where(alive[rows, t, None], hidden.float(), 0.0)
+            rationale_sum[rows] += torch.where(alive[rows, t, None], hidden.float(), 0.0)
         if last:
             break
         if drop_finished and not running.all():
@@ -252,7 +272,7 @@ def sample(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_n
     rollouts = pack_rollouts(prompts, ids, prompt_attention, full_pool_start, response, alive, truncated)
     if not pool:
         return rollouts, None
-    return rollouts, pooled_sum / (pooled_count + alive.sum(-1)).clamp(min=1)[:, None].float()
+    return rollouts, (text_sum, text_count, rationale_sum, alive.sum(-1).float())
 
 
 def pack_rollouts(prompts: list[ChatPrompt], ids: torch.Tensor, prompt_attention: torch.Tensor,

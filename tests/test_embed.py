@@ -53,6 +53,36 @@ def test_pooled_generation_equals_generate_then_forward(tiny, prompts, temperatu
     torch.testing.assert_close(pooled, reference, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["rationale", "mix"])
+def test_pooling_variants_equal_their_masked_means(tiny, prompts, pooling):
+    """The inference pooling variants from the states collected while generating == the same means taken by
+    hand over one full forward of prompt + rationale: the rationale's tokens alone, or ½ text mean + ½
+    rationale mean."""
+    model, tok = tiny
+    n, max_new = len(prompts), 7
+    temps = torch.ones(n)
+    noise = torch.rand(n, max_new, generator=torch.Generator().manual_seed(3))
+    rollouts, pooled = generate_pooled(model, prompts, temps, noise=noise, pooling=pooling, **_kw(model, tok, max_new))
+    assert (rollouts.response_lengths < max_new).any() and (rollouts.response_lengths == max_new).any()
+    for row in range(n):
+        real = rollouts.attention[row].bool()
+        with torch.no_grad():
+            hidden = model(input_ids=rollouts.ids[row][real][None], output_hidden_states=True).hidden_states[-1][0]
+        pool, response = rollouts.pool_mask[row][real], rollouts.response_mask[row][real]
+        rationale_mean = hidden[response].mean(0)
+        text_mean = hidden[pool & ~response].mean(0)
+        expected = rationale_mean if pooling == "rationale" else 0.5 * (text_mean + rationale_mean)
+        torch.testing.assert_close(pooled[row], expected, atol=2e-6, rtol=1e-5)
+
+
+def test_pooling_variants_need_a_rationale(tiny, prompts):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="needs a rationale"):
+        generate_pooled(model, prompts[:2], torch.zeros(2), pooling="mix", **_kw(model, tok, 0))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        generate_pooled(model, prompts[:2], torch.zeros(2), pooling="max", **_kw(model, tok, 3))
+
+
 def test_prefix_sharing_and_dropping_finished_rows_change_no_token(tiny, prompts):
     model, tok = tiny
     temps = torch.tensor([1.0, 0.5, 0.0] * (len(prompts) // 3) + [1.0] * (len(prompts) % 3))

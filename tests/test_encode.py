@@ -118,6 +118,10 @@ def test_bad_input_raises_clear_errors(encoder):
         encoder.encode(["x"], rationale="think")
     with pytest.raises(ValueError, match="batch_size"):
         encoder.encode(["x"], batch_size=0)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        encoder.encode(["x"], pooling="max")
+    with pytest.raises(ValueError, match="needs a rationale"):
+        encoder.encode(["x"], rationale="none", pooling="rationale")
     with pytest.raises(ValueError, match="max_prompt_len=20 leaves no room"):
         Encoder(load_tiny(), max_prompt_len=20).encode(["some text"])
 

@@ -106,6 +106,12 @@ def test_cli_builtin_and_compare(run_dir, tmp_path):
     assert main(["--model", ckpt, "--tasks", "builtin", "--out", str(tmp_path / "one"), "--quiet"]) == 0
     one = json.loads((tmp_path / "one" / "scores.json").read_text())
     assert set(one["tasks"]) == set(BUILTIN_TASKS)
+    # another pooling reaches the encoder: recorded, and other embeddings give other scores
+    assert main(["--model", ckpt, "--tasks", "builtin", "--pooling", "mix", "--out", str(tmp_path / "mix"),
+                 "--quiet"]) == 0
+    mix = json.loads((tmp_path / "mix" / "scores.json").read_text())
+    assert (one["pooling"], mix["pooling"]) == ("text+rationale", "mix")
+    assert [mix["tasks"][t]["score"] for t in BUILTIN_TASKS] != [one["tasks"][t]["score"] for t in BUILTIN_TASKS]
     # the paper's columns, as a user runs it: base read from the run's config.json
     out = tmp_path / "cmp"
     proc = subprocess.run(
@@ -135,3 +141,5 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "pass --base MODEL" in capsys.readouterr().err
     assert main(["--model", "tiny", "--compare", "bogus", "--out", str(tmp_path / "o")]) == 2
     assert "unknown column 'bogus'" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--rationale", "none", "--pooling", "mix", "--out", str(tmp_path / "o")]) == 2
+    assert "--pooling mix needs a rationale" in capsys.readouterr().err
