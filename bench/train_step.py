@@ -12,8 +12,9 @@ overrides any of it for both), and the same GRACE reward:
 
   minigrace  `grace_step` driven as minigrace/train.py main does (no logging files, no checkpoints).
   trl        GRPOTrainer with the reward written as a TRL user would: the reward function receives the
-             completions as text, samples the query and hard-negative rationales with the policy
-             (temperature 0.5, one each, as GRACE), re-templates and re-tokenizes every prompt + completion,
+             completions as text, samples the query rationales (and the hard-negative ones when the reward reads
+             them, as minigrace) with the policy (temperature 0.5, one each, as GRACE), re-templates and
+             re-tokenizes every prompt + completion,
              runs the model with output_hidden_states, mean-pools after the system prompt, and scores with
              `minigrace.kernels.grace_reward` (the same math, weights and length penalty as minigrace).
 
@@ -172,10 +173,12 @@ def grace_reward_for_trl(model, tokenizer, cfg, log: dict):
         P = n // G
         main_text = [as_text(c) for c in completions]
         main_ended = [len(ids) > 0 and ids[-1] in eos for ids in completion_ids]
-        aux_inputs = [query[g * G] for g in range(P)] + [negative[g * G] for g in range(P)]
+        negatives = [negative[g * G] for g in range(P)] if weights.negative else []  # as minigrace: only if read
+        aux_inputs = [query[g * G] for g in range(P)] + negatives
         aux_text, aux_ended, aux_tokens = sample_rationales(aux_inputs)
         emb = embed(texts + aux_inputs, main_text + aux_text, main_ended + aux_ended)
-        total, _ = grace_reward(emb[:n], emb[n:n + P], emb[n + P:], G, cfg.tau, weights, mode="supervised")
+        total, _ = grace_reward(emb[:n], emb[n:n + P], emb[n + P:] if negatives else None, G, cfg.tau, weights,
+                                mode="supervised")
         truncated = torch.tensor([not e for e in main_ended])
         total = torch.where(truncated, torch.full_like(total, cfg.length_penalty), total)
         log["rewards"].append(float(total.mean()))

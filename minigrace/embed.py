@@ -4,6 +4,9 @@ The embedding of a rollout is the L2-normalized mean of the last-layer hidden st
 pool_mask (user text + assistant header + rationale + EOS, the system prompt excluded). In a GRPO
 step the same no-grad forward also gives the log-probs of the response tokens under the sampling
 policy, which the clipped ratio needs later: one forward pass, two results (`forward_rollouts`).
+Every row starts with the same system prompt, whose states do not depend on the row: that prefix is run
+once, on one row, and the rows continue from a copy of its KV cache (`shared_prefix`); the numbers are
+those of the full forward up to floating-point noise.
 
 At inference there are no log-probs to compute, so the Encoder (encode.embed_prompts) skips this forward:
 rollout.generate_pooled collects the same last-layer states while it writes the rationale. Same span,
@@ -17,7 +20,7 @@ import torch
 
 from .kernels import masked_mean_pool_span
 from .loss import response_logprobs
-from .rollout import Rollouts, position_ids
+from .rollout import KVDecoder, Rollouts, position_ids
 
 
 def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,26 @@ def pool_span(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
     return start, end
 
 
+def shared_prefix(rollouts: Rollouts) -> torch.Tensor:
+    """The tokens every row starts with before its pooled span [S] (the system prompt; empty when rows differ).
+    Rows are left-padded, so each row's prefix starts at its own first real column."""
+    first = rollouts.attention.argmax(-1)  # [N] first real column
+    before_pool = int((pool_span(rollouts)[0] - first).min())  # tokens ahead of the earliest pooled one
+    columns = (first[:, None] + torch.arange(before_pool, device=first.device)).clamp(max=rollouts.ids.shape[1] - 1)
+    heads = rollouts.ids.gather(1, columns)  # [N, before_pool]
+    same = (heads == heads[:1]).all(0).long().cumprod(0)  # 1 while every row agrees
+    return heads[0, :int(same.sum())]
+
+
+def without_prefix(rollouts: Rollouts, prefix_len: int) -> Rollouts:
+    """The rollouts with each row's first prefix_len real tokens marked as padding (attention 0)."""
+    first = rollouts.attention.argmax(-1, keepdim=True)  # [N, 1]
+    columns = torch.arange(rollouts.ids.shape[1], device=first.device)
+    in_prefix = (columns >= first) & (columns < first + prefix_len)
+    return Rollouts(rollouts.ids, rollouts.attention * ~in_prefix, rollouts.response_mask, rollouts.pool_mask,
+                    rollouts.truncated, rollouts.prompt_truncated, rollouts.prompt_width)
+
+
 @dataclass
 class Forward:
     embeddings: torch.Tensor  # [N, H] fp32 (unit norm unless normalize=False)
@@ -75,16 +98,25 @@ class Forward:
 
 @torch.no_grad()
 def forward_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int, logprob_chunk: int = 1024,
-                     with_logprobs: bool = True, normalize: bool = True) -> Forward:
-    """Embeddings [N, H] (and old log-probs [N, L]) of all rollouts, micro-batched by token budget."""
+                     with_logprobs: bool = True, normalize: bool = True, share_prefix: bool = True) -> Forward:
+    """Embeddings [N, H] (and old log-probs [N, L]) of all rollouts, micro-batched by token budget.
+    share_prefix: run the rows' common system prompt once per micro-batch (see shared_prefix)."""
     n, width = rollouts.ids.shape
     device = rollouts.ids.device
     embeddings = torch.empty(n, model.config.hidden_size, dtype=torch.float32, device=device)
     old_logprobs = torch.zeros(n, width, dtype=torch.float32, device=device) if with_logprobs else None
-    for rows in microbatches(rollouts.attention.sum(-1), max_tokens_per_microbatch):
+    prefix = shared_prefix(rollouts) if share_prefix else rollouts.ids[0, :0]  # [S]
+    positions = position_ids(rollouts.attention)  # [N, L]: counted from the first real token, prefix included
+    rest = without_prefix(rollouts, len(prefix))
+    for rows in microbatches(rest.attention.sum(-1), max_tokens_per_microbatch):
         rows = rows.to(device)
-        part, cols = trim(rollouts.rows(rows))
-        hidden = policy_forward(model, part.ids, part.attention)  # [n, L', H]
+        part, cols = trim(rest.rows(rows))
+        if len(prefix):  # [prefix, copied] + the rest of each row
+            decoder = KVDecoder(model, hidden=True)
+            decoder.prefill_prefix(prefix, len(rows))
+            _, hidden = decoder.feed(part.ids, part.attention, positions[rows, cols], logits=False)  # [n, L', H]
+        else:
+            hidden = policy_forward(model, part.ids, part.attention)  # [n, L', H]
         start, end = pool_span(part)
         embeddings[rows] = masked_mean_pool_span(hidden, start, end, normalize=normalize)  # [n, H] fp32
         if with_logprobs:

@@ -140,29 +140,37 @@ class KVDecoder:
         self.cache = _cache(out)
         return (out.logits[:, -1] if logits else None), (out.hidden_states[-1] if self.hidden else None)
 
+    def feed(self, ids: torch.Tensor, attention: torch.Tensor, position: torch.Tensor, logits: bool):
+        """Forward ids [n, W] (attention [n, W]: 1 on real tokens; position [n, W]) after what is cached."""
+        self.attention = attention if self.attention is None else torch.cat([self.attention, attention], 1)
+        return self.forward(ids, position, logits)
+
+    def prefill_prefix(self, prefix: torch.Tensor, n: int) -> None:
+        """Run the tokens every row starts with (prefix [S]) once, on one row, and copy their cache to n rows."""
+        self.feed(prefix[None], torch.ones_like(prefix)[None], torch.arange(len(prefix), device=prefix.device)[None],
+                  logits=False)
+        self.cache.batch_repeat_interleave(n)
+        self.attention = self.attention.expand(n, -1)
+
     def prefill(self, prompts: list[ChatPrompt], pad_id: int, prefix_len: int = 0):
         """Forward the prompts. The first prefix_len tokens (the same in every row) are run once, on one row,
         and their cache copied to every row. → logits [n, V], hidden [n, W, H] of the other prompt tokens (or
         None), and their attention [n, W] and pool_start [n] (the rest of each prompt, left-padded to width W)."""
         n, device = len(prompts), self.model.device
         if prefix_len:
-            prefix = torch.tensor([prompts[0].ids[:prefix_len]], device=device)  # [1, S]
-            self.attention = torch.ones_like(prefix)
-            self.forward(prefix, position_ids(self.attention), logits=False)
-            self.cache.batch_repeat_interleave(n)
+            self.prefill_prefix(torch.tensor(prompts[0].ids[:prefix_len], device=device), n)
         rest = [ChatPrompt(p.ids[prefix_len:], p.pool_start - prefix_len, p.truncated) for p in prompts]
         ids, attention, pool_start = left_pad(rest, pad_id, device)  # [n, W]
-        self.attention = attention if not prefix_len else torch.cat([self.attention.expand(n, -1), attention], 1)
-        position = position_ids(self.attention)[:, -ids.shape[1]:]
+        full = attention if not prefix_len else torch.cat([self.attention, attention], 1)
+        position = position_ids(full)[:, -ids.shape[1]:]
         self.next_position = position[:, -1] + 1
-        logits, hidden = self.forward(ids, position, logits=True)
+        logits, hidden = self.feed(ids, attention, position, logits=True)
         return logits, hidden, attention, pool_start
 
     def step(self, token: torch.Tensor, real: torch.Tensor, logits: bool = True):
         """Feed one token per row [n] (real [n] bool: attended to, else padding) → (logits [n, V] or None,
         hidden [n, H] or None)."""
-        self.attention = torch.cat([self.attention, real.long()[:, None]], dim=1)
-        logits, hidden = self.forward(token[:, None], self.next_position[:, None], logits)
+        logits, hidden = self.feed(token[:, None], real.long()[:, None], self.next_position[:, None], logits)
         self.next_position = self.next_position + 1
         return logits, (hidden[:, -1] if hidden is not None else None)
 

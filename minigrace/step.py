@@ -192,6 +192,7 @@ def sample_rollouts(policy: Policy, prompts, temperatures, noise, cfg: GraceConf
               pad_id=tokenizer.pad_token_id, top_p=cfg.top_p)
     if policy.vllm is not None:
         return policy.vllm.generate(prompts, temperatures, noise, device=policy.ranks.device, **kw)
+    kw["share_prefix"] = True  # the system prompt runs once, its KV cache is copied to every row
     # At most rollout_rows rows per generation (the KV cache grows with rows × tokens). Each row has
     # its own noise, so the rationales are the same however the rows are split.
     step = cfg.rollout_rows or len(prompts)
@@ -204,11 +205,14 @@ def reference_logprobs(policy: Policy, rows: Rollouts, cfg: GraceConfig) -> torc
     """Log-probs under the frozen reference [n, L]: the base with LoRA adapters off, or the frozen copy."""
     if cfg.kl_coef <= 0:
         return None
-    args = (rows, cfg.max_tokens_per_microbatch, cfg.logprob_chunk)
+    # The full forward, as the loss computes the policy's log-probs: the KL is 0 while the two models agree
+    # (a prefix-shared forward would differ from the loss's by float noise, which the KL would show).
+    kw = dict(max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, logprob_chunk=cfg.logprob_chunk,
+              share_prefix=False)
     if policy.lora:
         with policy.module.disable_adapter():
-            return forward_rollouts(policy.module, *args).old_logprobs
-    return forward_rollouts(policy.ref_model, *args).old_logprobs
+            return forward_rollouts(policy.module, rows, **kw).old_logprobs
+    return forward_rollouts(policy.ref_model, rows, **kw).old_logprobs
 
 
 # ---------------------------------------------------------------------------------------------

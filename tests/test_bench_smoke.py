@@ -79,7 +79,7 @@ def test_train_step_drives_minigrace_for_real(tiny, tmp_path, one_thread):
 
 
 def test_real_model_trains_with_the_smollm2_preset(tmp_path):
-    """bench/real_model.py spells its settings out; they are the model preset (the README recipe)."""
+    """bench/real_model.py trains with the model preset (the README recipe), only without the trainer's eval."""
     import json
 
     from minigrace.config import PRESETS, parse_args

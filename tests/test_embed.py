@@ -4,7 +4,7 @@ rows change no token, and forward_rollouts' span pool is bit-identical to the de
 import pytest
 import torch
 
-from minigrace.embed import forward_rollouts, policy_forward, pool_span, trim
+from minigrace.embed import forward_rollouts, policy_forward, pool_span, shared_prefix, trim
 from minigrace.encode import embed_prompts, length_batches
 from minigrace.kernels import masked_mean_pool_reference, span_mask
 from minigrace.prompts import chat_prompt
@@ -131,8 +131,29 @@ def test_span_pool_is_bit_identical_to_the_dense_mask_pool(tiny, prompts):
         part, _ = trim(rollouts)
         with torch.no_grad():
             dense = masked_mean_pool_reference(policy_forward(model, part.ids, part.attention), part.pool_mask)
-        got = forward_rollouts(model, rollouts, 1 << 20, with_logprobs=False).embeddings
+        got = forward_rollouts(model, rollouts, 1 << 20, with_logprobs=False, share_prefix=False).embeddings
         assert torch.equal(got, dense)
+
+
+def test_shared_prefix_forward_equals_the_full_forward(tiny, prompts):
+    """forward_rollouts runs the system prompt once and continues every row from a copy of its KV cache: the
+    embeddings and old log-probs of the full forward, to fp32 noise, whatever the micro-batching."""
+    model, tok = tiny
+    rollouts = generate(model, prompts, torch.ones(len(prompts)), generator=torch.Generator().manual_seed(1),
+                        **_kw(model, tok, 6))
+    prefix = shared_prefix(rollouts)
+    assert prefix.tolist() == prompts[0].ids[:shared_prefix_length(prompts)] and len(prefix) > 0
+    full = forward_rollouts(model, rollouts, 1 << 20, share_prefix=False)
+    for budget in (1 << 20, 200, 1):  # one micro-batch, several, one row each
+        shared = forward_rollouts(model, rollouts, budget, logprob_chunk=5)
+        torch.testing.assert_close(shared.embeddings, full.embeddings, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(shared.old_logprobs, full.old_logprobs, atol=2e-5, rtol=1e-5)
+        assert torch.equal(shared.old_logprobs != 0, rollouts.response_mask)  # log-probs exactly where trained
+    other = type(prompts[0])([prompts[0].ids[0] + 1] + prompts[0].ids[1:], prompts[0].pool_start, False)
+    mixed = generate(model, [other] + prompts[1:], torch.zeros(len(prompts)), **_kw(model, tok, 3))
+    assert len(shared_prefix(mixed)) == 0  # rows that differ from the first token on share nothing
+    torch.testing.assert_close(forward_rollouts(model, mixed, 1 << 20).embeddings,
+                               forward_rollouts(model, mixed, 1 << 20, share_prefix=False).embeddings)
 
 
 def test_length_batches_sort_longest_first_within_rows_and_tokens():
