@@ -11,22 +11,18 @@ from types import SimpleNamespace
 
 import torch
 
+try:  # the package must import (and the torch path must work) without triton
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = SimpleNamespace(constexpr=None)  # enough for kernel signatures to be defined
+    HAS_TRITON = False
+
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. at import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# Importing triton costs ~70 MB of host memory; without CUDA it can only run under the interpreter, so a CPU
-# run that did not ask for it does not import it (and takes the torch path, as it would anyway).
-WANT_TRITON = (torch.cuda.is_available() or INTERPRET
-               or os.environ.get("MINIGRACE_KERNELS", "").strip().lower() == "triton")
-
-triton, tl, HAS_TRITON = None, SimpleNamespace(constexpr=None), False  # tl: enough to define kernel signatures
-if WANT_TRITON:
-    try:  # the package must import (and the torch path must work) without triton
-        import triton
-        import triton.language as tl
-
-        HAS_TRITON = True
-    except ImportError:  # pragma: no cover - depends on the environment
-        pass
 
 _MODES = ("auto", "torch", "triton")
 
@@ -69,9 +65,7 @@ def kernel_backend(*tensors) -> str:
     if mode == "auto":
         return "triton" if on_cuda and HAS_TRITON else "torch"
     if not HAS_TRITON:
-        raise RuntimeError("MINIGRACE_KERNELS=triton but triton is not loaded: install it, and on a machine without "
-                           "CUDA set MINIGRACE_KERNELS=triton and TRITON_INTERPRET=1 before minigrace.kernels is "
-                           "imported (or use MINIGRACE_KERNELS=auto/torch)")
+        raise RuntimeError("MINIGRACE_KERNELS=triton but `import triton` failed; install triton or use auto/torch")
     if not on_cuda and not INTERPRET:
         raise RuntimeError(
             "MINIGRACE_KERNELS=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
