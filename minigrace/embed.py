@@ -33,6 +33,19 @@ def policy_forward(model, ids: torch.Tensor, attention: torch.Tensor) -> torch.T
     return out.hidden_states[-1]
 
 
+def prefixed_forward(model, prefix: torch.Tensor, part: Rollouts, positions: torch.Tensor,
+                     prefix_model=None) -> torch.Tensor:
+    """policy_forward of rows that all start with `prefix` [S], whose own tokens (part.attention, prefix
+    excluded: see without_prefix) sit at `positions` [n, L']: the prefix runs once, on one row (through
+    prefix_model when given), and every row continues from a copy of its KV cache. → hidden [n, L', H].
+    Differentiable: with grad on, the prefix's weights get the gradient of every row."""
+    if not len(prefix):
+        return policy_forward(model, part.ids, part.attention)
+    decoder = KVDecoder(model, hidden=True)
+    decoder.prefill_prefix(prefix, len(part.ids), model=prefix_model)
+    return decoder.feed(part.ids, part.attention, positions, logits=False)[1]
+
+
 def microbatches(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
     """Split rows into consecutive index groups whose padded size (rows × longest row) fits max_tokens."""
     groups, current, longest = [], [], 0
@@ -111,12 +124,7 @@ def forward_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int, 
     for rows in microbatches(rest.attention.sum(-1), max_tokens_per_microbatch):
         rows = rows.to(device)
         part, cols = trim(rest.rows(rows))
-        if len(prefix):  # [prefix, copied] + the rest of each row
-            decoder = KVDecoder(model, hidden=True)
-            decoder.prefill_prefix(prefix, len(rows))
-            _, hidden = decoder.feed(part.ids, part.attention, positions[rows, cols], logits=False)  # [n, L', H]
-        else:
-            hidden = policy_forward(model, part.ids, part.attention)  # [n, L', H]
+        hidden = prefixed_forward(model, prefix, part, positions[rows, cols])  # [n, L', H]
         start, end = pool_span(part)
         embeddings[rows] = masked_mean_pool_span(hidden, start, end, normalize=normalize)  # [n, H] fp32
         if with_logprobs:

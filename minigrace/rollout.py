@@ -145,10 +145,17 @@ class KVDecoder:
         self.attention = attention if self.attention is None else torch.cat([self.attention, attention], 1)
         return self.forward(ids, position, logits)
 
-    def prefill_prefix(self, prefix: torch.Tensor, n: int) -> None:
-        """Run the tokens every row starts with (prefix [S]) once, on one row, and copy their cache to n rows."""
-        self.feed(prefix[None], torch.ones_like(prefix)[None], torch.arange(len(prefix), device=prefix.device)[None],
-                  logits=False)
+    def prefill_prefix(self, prefix: torch.Tensor, n: int, model=None) -> None:
+        """Run the tokens every row starts with (prefix [S]) once, on one row, and copy their cache to n rows.
+        model: run the prefix through this module instead (the unwrapped model under DDP, where the wrapper
+        allows one forward per backward; the copies keep the prefix's autograd graph)."""
+        ids, position = prefix[None], torch.arange(len(prefix), device=prefix.device)[None]
+        if model is None:
+            self.feed(ids, torch.ones_like(ids), position, logits=False)
+        else:
+            self.model, wrapped = model, self.model
+            self.feed(ids, torch.ones_like(ids), position, logits=False)
+            self.model = wrapped
         self.cache.batch_repeat_interleave(n)
         self.attention = self.attention.expand(n, -1)
 

@@ -25,11 +25,11 @@ from . import parallel
 from .advantage import compute_advantages
 from .config import GraceConfig
 from .data import Example
-from .embed import forward_rollouts, microbatches, policy_forward, trim
+from .embed import forward_rollouts, microbatches, prefixed_forward, shared_prefix, trim, without_prefix
 from .loss import policy_loss, response_logprobs
 from .prompts import chat_prompt
 from .reward import Rewards, compute_rewards, nonfinite_rewards, reward_weights
-from .rollout import Rollouts, cat_rollouts, eos_token_ids, generate
+from .rollout import Rollouts, cat_rollouts, eos_token_ids, generate, position_ids
 
 
 @dataclass
@@ -226,6 +226,13 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     model, ranks = policy.model, policy.ranks
     model.train()
     rows_per_update = cfg.mini_batch_size // ranks.world * cfg.group_size
+    # The system prompt runs once per micro-batch (embed.prefixed_forward). The full forward stays where a
+    # second forward before backward is not allowed: gradient checkpointing recomputes layers without a KV
+    # cache, and FSDP reshards a layer's weights after each forward, under the prefix's saved activations.
+    full_forward = cfg.grad_checkpointing or parallel.is_fsdp(model)
+    prefix = main.ids[0, :0] if full_forward else shared_prefix(main)  # [S]
+    positions = position_ids(main.attention)  # [n_main, L]
+    main = without_prefix(main, len(prefix))
     stats = UpdateStats(0.0, 0.0, 0.0, 0.0, 0, 0)
     sums = torch.zeros(4, device=main.ids.device)  # loss, clip, dual clip, KL: on the device until the end
     for _ in range(cfg.ppo_epochs):
@@ -237,8 +244,9 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
             for i, micro in enumerate(micros):
                 rows = update_rows[micro.to(update_rows.device)]
                 with ranks.gradient_sync(model, sync=i == len(micros) - 1), policy.autocast():
-                    loss, s = micro_batch_loss(policy, main.rows(rows), old_logprobs[rows], advantages[rows],
-                                               None if ref_logprobs is None else ref_logprobs[rows], normalizer, cfg)
+                    loss, s = micro_batch_loss(policy, main.rows(rows), prefix, positions[rows], old_logprobs[rows],
+                                               advantages[rows], None if ref_logprobs is None else ref_logprobs[rows],
+                                               normalizer, cfg)
                     (loss * float(i < n_real)).backward()  # padding passes contribute nothing
                 if i < n_real:
                     sums += torch.stack([loss.detach().float(), s["clip_frac_sum"], s["dual_clip_frac_sum"],
@@ -260,11 +268,13 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     return stats
 
 
-def micro_batch_loss(policy: Policy, rows: Rollouts, old_logprobs, advantages, ref_logprobs, normalizer: float,
-                     cfg: GraceConfig) -> tuple[torch.Tensor, dict]:
-    """The clipped policy loss of one micro-batch (its padding columns trimmed): forward with grad."""
+def micro_batch_loss(policy: Policy, rows: Rollouts, prefix: torch.Tensor, positions: torch.Tensor, old_logprobs,
+                     advantages, ref_logprobs, normalizer: float, cfg: GraceConfig) -> tuple[torch.Tensor, dict]:
+    """The clipped policy loss of one micro-batch (its padding columns trimmed): forward with grad. `rows` hold
+    each row after the shared `prefix` [S] (without_prefix), `positions` [n, L] their position ids."""
     part, cols = trim(rows)
-    hidden = policy_forward(policy.model, part.ids, part.attention)  # [n, L', H]
+    # Under DDP the prefix runs through the unwrapped module: the wrapper takes one forward per backward.
+    hidden = prefixed_forward(policy.model, prefix, part, positions[:, cols], prefix_model=policy.module)  # [n, L', H]
     lm_head = policy.module.get_output_embeddings().weight  # after the forward: gathered under FSDP
     logprobs = response_logprobs(hidden, lm_head, part.ids, part.response_mask, cfg.logprob_chunk)  # [n, L']
     return policy_loss(logprobs, old_logprobs[:, cols], advantages, part.response_mask, cfg.clip_eps, normalizer,

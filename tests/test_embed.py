@@ -4,11 +4,13 @@ rows change no token, and forward_rollouts' span pool is bit-identical to the de
 import pytest
 import torch
 
-from minigrace.embed import forward_rollouts, policy_forward, pool_span, shared_prefix, trim
+from minigrace.embed import (forward_rollouts, policy_forward, pool_span, prefixed_forward, shared_prefix, trim,
+                             without_prefix)
 from minigrace.encode import embed_prompts, length_batches
 from minigrace.kernels import masked_mean_pool_reference, span_mask
 from minigrace.prompts import chat_prompt
-from minigrace.rollout import cat_rollouts, eos_token_ids, generate, generate_pooled, shared_prefix_length
+from minigrace.rollout import (cat_rollouts, eos_token_ids, generate, generate_pooled, position_ids,
+                               shared_prefix_length)
 from minigrace.worlds.builtin import builtin_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,6 +156,35 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny, prompts):
     assert len(shared_prefix(mixed)) == 0  # rows that differ from the first token on share nothing
     torch.testing.assert_close(forward_rollouts(model, mixed, 1 << 20).embeddings,
                                forward_rollouts(model, mixed, 1 << 20, share_prefix=False).embeddings)
+
+
+def test_prefixed_forward_gives_the_full_forward_gradients(tiny, prompts):
+    """The update's forward (step.micro_batch_loss): the system prompt once, every row continuing from a copy
+    of its KV cache, with grad. The hidden states of the rows' own tokens and every weight's gradient equal
+    the full forward's to fp32 noise: the prefix's weights get the gradient of every row through the copies."""
+    model, tok = tiny
+    rollouts = generate(model, prompts, torch.ones(len(prompts)), generator=torch.Generator().manual_seed(4),
+                        **_kw(model, tok, 6))
+    prefix = shared_prefix(rollouts)
+    part, cols = trim(without_prefix(rollouts, len(prefix)))
+    weights = torch.randn(*part.ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def grads(hidden, mask):
+        model.zero_grad(set_to_none=True)
+        (hidden * weights * mask[..., None]).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    full_part, full_cols = trim(rollouts)
+    full_hidden = policy_forward(model, full_part.ids, full_part.attention)[:, cols.start - full_cols.start:]
+    assert full_hidden.shape == weights.shape[:2] + (model.config.hidden_size,)
+    full = grads(full_hidden, part.attention)
+    hidden = prefixed_forward(model, prefix, part, position_ids(rollouts.attention)[:, cols])
+    real = part.attention.bool()
+    torch.testing.assert_close(hidden[real], full_hidden[real], atol=2e-5, rtol=1e-4)
+    shared = grads(hidden, part.attention)
+    assert shared.keys() == full.keys() and len(full) == len(list(model.parameters()))
+    for name in full:
+        torch.testing.assert_close(shared[name], full[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_length_batches_sort_longest_first_within_rows_and_tokens():
