@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` sits beside `minigrace`
 
-from bench import loss_memory, real_model, train_step  # noqa: E402
+from bench import loss_memory, real_model, realtext_sweep, train_step  # noqa: E402
 from bench.common import PeakRSS, summarize  # noqa: E402
 
 
@@ -102,3 +102,23 @@ def test_real_model_trains_with_the_smollm2_preset(tmp_path):
         {"step": 2, "reward_mean": -1.0, "step_time_s": 30.0}]) + "\n")
     record = real_model.run_record(str(tmp_path / "checkpoint-final"))
     assert record["steps"] == 2 and record["train_seconds"] == 40.0 and record["reward_per_step"] == [-2.0, -1.0]
+
+
+def test_realtext_sweep_points_change_one_thing_each():
+    """Every training point of bench/realtext_sweep.py is the 12-step smollm2-135m preset plus its own flags."""
+    from minigrace.config import PRESETS, parse_args
+
+    base, _ = parse_args(realtext_sweep.BASE)
+    for name, value in PRESETS["smollm2-135m"].items():
+        if name not in ("max_steps", "eval_size"):  # 12 steps, scored by minigrace.eval instead of the trainer
+            assert getattr(base, name) == value, name
+    assert base.max_steps == 12 and base.data == "realtext"
+    for name, (_, flags, ref, eval_flags) in realtext_sweep.POINTS.items():
+        if flags is not None:
+            cfg, _ = parse_args(realtext_sweep.BASE + flags)
+            changed = {k for k, v in cfg.to_dict().items() if v != base.to_dict()[k]} - {"seed", "save_every"}
+            assert len(changed) <= 3, (name, changed)  # G and batch move together; the rest alone
+        else:
+            assert realtext_sweep.POINTS[ref.split("/")[0]][1] is not None  # scores a training point's run
+    with pytest.raises(SystemExit):
+        realtext_sweep.main(["--points", "nope", "--collect"])
