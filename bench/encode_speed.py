@@ -141,18 +141,17 @@ def two_pass(model, tok, prompts, args):
 
 @torch.no_grad()
 def pooled_no_prefix(model, tok, prompts, args):
-    """embed_prompts' loop with every prompt prefilled in full (rollout.sample with share_prefix=False)."""
+    """embed_prompts' loop with every prompt prefilled in full (generate_pooled with share_prefix=False)."""
     from minigrace.encode import length_batches
-    from minigrace.rollout import eos_token_ids, sample
+    from minigrace.rollout import eos_token_ids, generate_pooled
 
     eos = eos_token_ids(model, tok)
     embeddings = torch.empty(len(prompts), model.config.hidden_size)
     responses = [None] * len(prompts)
     for index in length_batches([len(p.ids) for p in prompts], args.batch_size, args.max_tokens):
-        rollouts, pooled = sample(model, [prompts[i] for i in index], torch.zeros(len(index)),
-                                  max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=tok.pad_token_id,
-                                  top_p=1.0, generator=None, noise=None, share_prefix=False, drop_finished=True,
-                                  pool=True)
+        rollouts, pooled = generate_pooled(model, [prompts[i] for i in index], torch.zeros(len(index)),
+                                           max_new_tokens=args.max_new_tokens, eos_ids=eos, pad_id=tok.pad_token_id,
+                                           share_prefix=False)
         embeddings[index] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
         for i, ids in zip(index, rollouts.responses()):
             responses[i] = ids

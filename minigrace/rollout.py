@@ -213,20 +213,20 @@ POOLINGS = ("text+rationale", "rationale", "mix")
 @torch.no_grad()
 def generate_pooled(model, prompts: list[ChatPrompt], temperature: torch.Tensor, *, max_new_tokens: int,
                     eos_ids: list[int], pad_id: int, top_p: float = 1.0, noise: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None, pooling: str = "text+rationale"
-                    ) -> tuple[Rollouts, torch.Tensor]:
+                    generator: torch.Generator | None = None, pooling: str = "text+rationale",
+                    share_prefix: bool = True) -> tuple[Rollouts, torch.Tensor]:
     """generate, plus each rollout's pooled last-layer hidden state [N, H] fp32, collected while generating:
     the prefill gives the prompt tokens' states, each decode step the fed token's, and one last step feeds
     the final tokens. With GRACE's pooling (text+rationale) the same numbers as a second forward over
     prompt + rationale (embed.forward_rollouts) up to floating-point noise, without that forward.
-    max_new_tokens=0 pools the prompt alone (text+rationale pooling only)."""
+    max_new_tokens=0 pools the prompt alone (text+rationale pooling only). share_prefix: see generate."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if pooling != "text+rationale" and max_new_tokens == 0:
         raise ValueError(f"pooling={pooling!r} needs a rationale (max_new_tokens ≥ 1)")
     rollouts, (text_sum, text_count, rationale_sum, rationale_count) = sample(
         model, prompts, temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, top_p=top_p,
-        generator=generator, noise=noise, share_prefix=True, drop_finished=True, pool=True)
+        generator=generator, noise=noise, share_prefix=share_prefix, drop_finished=True, pool=True)
     if pooling == "text+rationale":
         return rollouts, (text_sum + rationale_sum) / (text_count + rationale_count).clamp(min=1)[:, None]
     rationale_mean = rationale_sum / rationale_count.clamp(min=1)[:, None]
