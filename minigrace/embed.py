@@ -94,6 +94,13 @@ def shared_prefix(rollouts: Rollouts) -> torch.Tensor:
     return heads[0, :int(same.sum())]
 
 
+def split_prefix(rollouts: Rollouts, share: bool) -> tuple[torch.Tensor, torch.Tensor, Rollouts]:
+    """(the rows' shared prefix [S], empty unless `share`; every token's position [N, L], prefix included;
+    the rollouts without it) → what prefixed_forward takes, micro-batch by micro-batch."""
+    prefix = shared_prefix(rollouts) if share else rollouts.ids[0, :0]
+    return prefix, position_ids(rollouts.attention), without_prefix(rollouts, len(prefix))
+
+
 def without_prefix(rollouts: Rollouts, prefix_len: int) -> Rollouts:
     """The rollouts with each row's first prefix_len real tokens marked as padding (attention 0)."""
     first = rollouts.attention.argmax(-1, keepdim=True)  # [N, 1]
@@ -118,9 +125,7 @@ def forward_rollouts(model, rollouts: Rollouts, max_tokens_per_microbatch: int, 
     device = rollouts.ids.device
     embeddings = torch.empty(n, model.config.hidden_size, dtype=torch.float32, device=device)
     old_logprobs = torch.zeros(n, width, dtype=torch.float32, device=device) if with_logprobs else None
-    prefix = shared_prefix(rollouts) if share_prefix else rollouts.ids[0, :0]  # [S]
-    positions = position_ids(rollouts.attention)  # [N, L]: counted from the first real token, prefix included
-    rest = without_prefix(rollouts, len(prefix))
+    prefix, positions, rest = split_prefix(rollouts, share_prefix)  # [S], [N, L], rows after the prefix
     for rows in microbatches(rest.attention.sum(-1), max_tokens_per_microbatch):
         rows = rows.to(device)
         part, cols = trim(rest.rows(rows))

@@ -126,36 +126,33 @@ class KVDecoder:
 
     def __init__(self, model, hidden: bool):
         self.model, self.hidden = model, hidden
-        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
+        hf_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        hf_model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # peft's wrapped one
         self.cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         self.cache = None
         self.attention = None  # [n, C] long: 1 on the real tokens of the C cached columns
         self.next_position = None  # [n]: the position the next fed token takes
 
-    def forward(self, ids: torch.Tensor, position: torch.Tensor, logits: bool):
+    def forward(self, ids: torch.Tensor, position: torch.Tensor, logits: bool, model=None):
         keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=ids.device)  # empty: no lm_head at all
         past = {} if self.cache is None else {self.cache_arg: self.cache}
-        out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position, use_cache=True,
+        out = (model or self.model)(input_ids=ids, attention_mask=self.attention, position_ids=position, use_cache=True,
                          output_hidden_states=self.hidden, logits_to_keep=keep, **past)
         self.cache = _cache(out)
         return (out.logits[:, -1] if logits else None), (out.hidden_states[-1] if self.hidden else None)
 
-    def feed(self, ids: torch.Tensor, attention: torch.Tensor, position: torch.Tensor, logits: bool):
-        """Forward ids [n, W] (attention [n, W]: 1 on real tokens; position [n, W]) after what is cached."""
+    def feed(self, ids: torch.Tensor, attention: torch.Tensor, position: torch.Tensor, logits: bool, model=None):
+        """Forward ids [n, W] (attention [n, W]: 1 on real tokens; position [n, W]) after what is cached
+        (through `model` instead of the decoder's own when given)."""
         self.attention = attention if self.attention is None else torch.cat([self.attention, attention], 1)
-        return self.forward(ids, position, logits)
+        return self.forward(ids, position, logits, model)
 
     def prefill_prefix(self, prefix: torch.Tensor, n: int, model=None) -> None:
         """Run the tokens every row starts with (prefix [S]) once, on one row, and copy their cache to n rows.
         model: run the prefix through this module instead (the unwrapped model under DDP, where the wrapper
         allows one forward per backward; the copies keep the prefix's autograd graph)."""
         ids, position = prefix[None], torch.arange(len(prefix), device=prefix.device)[None]
-        if model is None:
-            self.feed(ids, torch.ones_like(ids), position, logits=False)
-        else:
-            self.model, wrapped = model, self.model
-            self.feed(ids, torch.ones_like(ids), position, logits=False)
-            self.model = wrapped
+        self.feed(ids, torch.ones_like(ids), position, logits=False, model=model)
         self.cache.batch_repeat_interleave(n)
         self.attention = self.attention.expand(n, -1)
 

@@ -25,11 +25,11 @@ from . import parallel
 from .advantage import compute_advantages
 from .config import GraceConfig
 from .data import Example
-from .embed import forward_rollouts, microbatches, prefixed_forward, shared_prefix, trim, without_prefix
+from .embed import forward_rollouts, microbatches, prefixed_forward, split_prefix, trim
 from .loss import policy_loss, response_logprobs
 from .prompts import chat_prompt
 from .reward import Rewards, compute_rewards, nonfinite_rewards, reward_weights
-from .rollout import Rollouts, cat_rollouts, eos_token_ids, generate, position_ids
+from .rollout import Rollouts, cat_rollouts, eos_token_ids, generate
 
 
 @dataclass
@@ -229,10 +229,8 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     # The system prompt runs once per micro-batch (embed.prefixed_forward). The full forward stays where a
     # second forward before backward is not allowed: gradient checkpointing recomputes layers without a KV
     # cache, and FSDP reshards a layer's weights after each forward, under the prefix's saved activations.
-    full_forward = cfg.grad_checkpointing or parallel.is_fsdp(model)
-    prefix = main.ids[0, :0] if full_forward else shared_prefix(main)  # [S]
-    positions = position_ids(main.attention)  # [n_main, L]
-    main = without_prefix(main, len(prefix))
+    share = not (cfg.grad_checkpointing or parallel.is_fsdp(model))
+    prefix, positions, main = split_prefix(main, share)  # [S], [n_main, L], each row after the prefix
     stats = UpdateStats(0.0, 0.0, 0.0, 0.0, 0, 0)
     sums = torch.zeros(4, device=main.ids.device)  # loss, clip, dual clip, KL: on the device until the end
     for _ in range(cfg.ppo_epochs):
