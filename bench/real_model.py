@@ -49,6 +49,13 @@ THREADS = 2
 TRAIN_FLAGS = ["--model", "smollm2-135m", "--eval-size", "0"]  # + "--data", "--mode", "--out"
 # The everyday table's runs (README) stop at 12 steps: 1.2 epochs of its 80 training texts.
 DATA_FLAGS = {"everyday": ["--max-steps", "12"], "realtext": []}
+
+
+def train_flags(data: str) -> list[str]:
+    """train.py's flags for the runs on `data` (+ "--mode", "--out" per run)."""
+    return [*TRAIN_FLAGS, *DATA_FLAGS[data], "--data", data]
+
+
 COLUMNS = ("SmolLM2 base", "SmolLM2 +rationale", "GRACE supervised", "GRACE unsupervised", "MiniLM-L6")
 MODES = ("supervised", "unsupervised")  # column "GRACE <mode>"
 # held-out positives shown with their rationales. everyday: cooking, health, home repair, fitness;
@@ -80,8 +87,7 @@ def parse_args(argv=None):
 
 def train(mode: str, data: str, out_dir: str, extra: list[str]) -> str:
     """Run `python train.py` for one mode in a child process; returns its final checkpoint."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *TRAIN_FLAGS, *DATA_FLAGS[data], "--data", data, "--mode", mode,
-           "--out", out_dir, *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), *train_flags(data), "--mode", mode, "--out", out_dir, *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1")
     with open(os.path.join(out_dir + ".log"), "w") as log:
@@ -253,7 +259,7 @@ def main(argv=None) -> int:
     trained = {mode: run_record(ckpt) for mode, ckpt in runs.items()}
     summary.update(data=args.data, environment=env, load_avg_at_end=os.getloadavg()[0], eval_seconds=eval_seconds,
                    encode_speed=speed, training=trained, examples=examples,
-                   train_flags=TRAIN_FLAGS + DATA_FLAGS[args.data] + ["--data", args.data] + extra, raw_scores=scores,
+                   train_flags=train_flags(args.data) + extra, raw_scores=scores,
                    reused_from=args.reuse or None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:
