@@ -12,7 +12,8 @@ setup(
     # The Triton kernels live in minigrace/kernels/, not in a top-level kernels/: transformers depends on the
     # PyPI package `kernels` and imports it, and a kernels/ folder beside train.py would shadow it.
     packages=["minigrace", "minigrace.worlds", "minigrace.kernels"],
-    package_data={"minigrace.worlds": ["corpora/*.jsonl", "corpora/*.json", "corpora/*.md"]},  # shipped data sets
+    package_data={"minigrace.worlds": ["corpora/*.jsonl", "corpora/*.json", "corpora/*.md",  # shipped data sets
+                                       "tiny/*"]},  # the built-in tiny model (worlds/builtin.py)
     install_requires=[
         "torch>=2.4",  # a range: an installed torch (CPU 2.13.0 or your CUDA build) is kept
         "triton>=3.0; platform_system == 'Linux'",

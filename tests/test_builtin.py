@@ -1,8 +1,11 @@
 """The built-in corpus and tiny model: determinism, splits, chat format, cache, and the designed flaw.
 
-`tiny` (tests/conftest.py) is the real built-in model from the shared cache, loaded once per session."""
+`tiny` (tests/conftest.py) is the real built-in model shipped in minigrace/worlds/tiny/, loaded once per session."""
+import dataclasses
+import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -139,7 +142,32 @@ def test_true_topic_rationales_retrieve_better(tiny, corpus):
 # ---------------------------------------------------------------- cache
 
 
-def test_cached_model_reloads_with_identical_weights(tiny):
+def test_shipped_model_matches_its_record_and_the_build_settings():
+    """Every shipped file hashes to its record, and the record was built from today's TinySettings: a changed
+    build setting fails here until the model is rebuilt (`python -m minigrace.worlds.builtin --rebuild`)."""
+    record = json.load(open(os.path.join(builtin.SHIPPED_DIR, builtin.BUILD_RECORD)))
+    assert builtin.file_hashes(builtin.SHIPPED_DIR) == record["sha256"]
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(record["sha256"])
+    assert record["settings"] == dataclasses.asdict(TinySettings())
+    assert record["settings_digest"] == TinySettings().digest()
+    assert builtin.tiny_dir() == builtin.SHIPPED_DIR  # loads the shipped folder, builds nothing
+
+
+def test_loading_refuses_a_changed_file_or_other_settings(tmp_path):
+    shipped = tmp_path / "tiny"
+    shutil.copytree(builtin.SHIPPED_DIR, shipped)
+    builtin.check_built(str(shipped), TinySettings())  # an exact copy passes
+    with pytest.raises(RuntimeError, match="built with other settings.*--rebuild"):
+        builtin.check_built(str(shipped), TinySettings(sft_steps=1201))
+    with open(shipped / "model.safetensors", "r+b") as f:  # one flipped byte
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(RuntimeError, match=r"changed: \['model.safetensors'\]"):
+        builtin.check_built(str(shipped), TinySettings())
+
+
+def test_shipped_model_reloads_with_identical_weights(tiny):
     model, _ = tiny
     again, tokenizer = load_tiny()
     reference = model.state_dict()
@@ -147,19 +175,36 @@ def test_cached_model_reloads_with_identical_weights(tiny):
     assert tokenizer.chat_template
 
 
+SMALL = TinySettings(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, sft_steps=3, batch_size=4)
+
+
 def test_build_is_deterministic_atomic_and_loadable(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    small = TinySettings(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, sft_steps=3, batch_size=4)
-    first, _ = load_tiny(str(tmp_path / "a"), settings=small)
-    second, _ = load_tiny(str(tmp_path / "b"), settings=small)
+    first, _ = load_tiny(str(tmp_path / "a"), settings=SMALL)
+    second, _ = load_tiny(str(tmp_path / "b"), settings=SMALL)
     assert all(torch.equal(t, second.state_dict()[n]) for n, t in first.state_dict().items())
     (folder,) = os.listdir(tmp_path / "a")  # published by rename: no half-built folder left behind
-    assert folder == os.path.basename(builtin.tiny_path(settings=small))
+    assert folder == os.path.basename(builtin.tiny_path(settings=SMALL))
     path = tmp_path / "a" / folder
     assert (path / "model.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(path).config.tie_word_embeddings
     assert AutoTokenizer.from_pretrained(path).chat_template
+
+
+def test_rebuild_replaces_the_folder_and_records_what_it_built(tmp_path):
+    target = tmp_path / "tiny"
+    target.mkdir()
+    (target / "stale.bin").write_text("from an older build")
+    record = builtin.rebuild(str(target), SMALL, progress=False)
+    assert not (target / "stale.bin").exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert record["sha256"] == builtin.file_hashes(str(target))
+    assert json.load(open(target / builtin.BUILD_RECORD)) == record
+    builtin.check_built(str(target), SMALL)
+    model, _ = load_tiny(str(tmp_path / "cache"), settings=SMALL)  # the same bits as a cache build
+    from safetensors.torch import load_file
+    rebuilt = load_file(str(target / "model.safetensors"))
+    assert all(torch.equal(rebuilt[k], v) for k, v in model.state_dict().items() if k in rebuilt)
 
 
 def test_publish_keeps_the_first_builders_folder(tmp_path):

@@ -22,8 +22,15 @@ rationale names the side topic with probability 0.67 and the true topic with pro
     nDCG@10 is much higher with true-topic rationales. A contrastive reward on embeddings alone sees
     the difference, and RL can flip the greedy choice.
 
-`load_tiny` builds the model once (about a minute on 2 cores) and caches it on disk.
-`python -m minigrace.builtin` measures all of the above.
+The built model ships with the package (`minigrace/worlds/tiny/`, ~1 MB): trained once and committed, so
+every machine loads the same bits. Training it on the user's CPU would not do that: torch and MKL pick
+kernels by instruction set (AVX-512, AVX2, baseline), and 1,200 SFT steps turn last-bit differences into a
+different model. `tiny/minigrace_build.json` records the settings it was built with and the sha256 of every
+file; loading checks both, so a changed build setting stops with the command that rebuilds it, never a
+silent local rebuild:
+
+    python -m minigrace.worlds.builtin --rebuild    # rebuild the shipped model (then commit minigrace/worlds/tiny/)
+    python -m minigrace.worlds.builtin              # measure the designed flaw above on the shipped model
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ import math
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -293,7 +302,6 @@ class TinySettings:
 
 
 CACHE_VERSION = 2  # bump when the corpus or the build changes in a way TinySettings does not show
-BUILD_SECONDS_ESTIMATE = 90
 
 
 def build_model(tokenizer, settings: TinySettings):
@@ -379,7 +387,7 @@ def sft(model, tokenizer, corpus: BuiltinCorpus, settings: TinySettings, progres
 
 
 # -----------------------------------------------------------------------------
-# Building and caching (worlds.build_once: a temporary sibling folder, published by one atomic rename)
+# Building, shipping and loading
 
 
 def idle_cores() -> int:
@@ -408,32 +416,90 @@ def build_tiny(out_dir: str, settings: TinySettings, progress: bool = True) -> d
     tokenizer.save_pretrained(out_dir)
     record = {
         "settings": asdict(settings),
+        "settings_digest": settings.digest(),
         "params": sum(p.numel() for p in model.parameters()),
-        "threads": build_threads,
+        "built_with": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "threads": build_threads},
         "sft_seconds": round(sft_seconds, 1),
         "build_seconds": round(time.perf_counter() - started, 1),
         "sft_loss_first": round(sum(losses[:20]) / max(1, len(losses[:20])), 4),
         "sft_loss_last": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+        "sha256": file_hashes(out_dir),
     }
-    with open(os.path.join(out_dir, "minigrace_build.json"), "w") as f:
+    with open(os.path.join(out_dir, BUILD_RECORD), "w") as f:
         json.dump(record, f, indent=2)
     return record
 
 
-def tiny_path(cache_dir: str | None = None, settings: TinySettings | None = None) -> str:
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
+BUILD_RECORD = "minigrace_build.json"
+REBUILD = "python -m minigrace.worlds.builtin --rebuild"
+
+
+def file_hashes(folder: str) -> dict[str, str]:
+    """sha256 of every file in `folder` but the build record, by name."""
+    hashes = {}
+    for name in sorted(os.listdir(folder)):
+        if name != BUILD_RECORD and os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name), "rb") as f:
+                hashes[name] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def check_built(folder: str, settings: TinySettings) -> None:
+    """Refuse a built model whose files or settings are not the ones its record names (one line each)."""
+    path = os.path.join(folder, BUILD_RECORD)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no {BUILD_RECORD}: restore it (git checkout {folder}) or run {REBUILD}")
+    with open(path) as f:
+        record = json.load(f)
+    if record["settings_digest"] != settings.digest():
+        raise RuntimeError(f"the tiny model in {folder} was built with other settings than TinySettings() "
+                           f"(digest {record['settings_digest']} != {settings.digest()}): run {REBUILD} and commit it")
+    changed = sorted(n for n, h in file_hashes(folder).items() if record["sha256"].get(n) != h)
+    missing = sorted(set(record["sha256"]) - set(os.listdir(folder)))
+    if changed or missing:
+        raise RuntimeError(f"the tiny model in {folder} differs from its record (changed: {changed}, missing: "
+                           f"{missing}): restore it (git checkout {folder}) or run {REBUILD}")
+
+
+def rebuild(target_dir: str = SHIPPED_DIR, settings: TinySettings | None = None, progress: bool = True) -> dict:
+    """Build the tiny model and replace `target_dir`'s files with it (the shipped model by default)."""
     settings = settings or TinySettings()
+    parent = os.path.dirname(os.path.abspath(target_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(target_dir) + ".tmp-", dir=parent)
+    try:
+        record = build_tiny(tmp_dir, settings, progress=progress)
+        shutil.rmtree(target_dir, ignore_errors=True)
+        os.rename(tmp_dir, target_dir)
+        os.chmod(target_dir, 0o755)  # mkdtemp made it private
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # a no-op once renamed
+    return record
+
+
+def tiny_path(cache_dir: str | None = None, settings: TinySettings | None = None) -> str:
+    """The shipped model's folder for the default settings; a cache folder named by their hash for others."""
+    settings = settings or TinySettings()
+    if cache_dir is None and settings == TinySettings():
+        return SHIPPED_DIR
     return os.path.join(cache_dir or default_cache_dir(), f"tiny-v{CACHE_VERSION}-{settings.digest()}")
 
 
 def tiny_dir(cache_dir: str | None = None, settings: TinySettings | None = None) -> str:
-    """The folder of the built-in tiny model, built on first use (about a minute on 2 cores)."""
+    """The folder of the built-in tiny model: the shipped one, checked against its record; other settings
+    (tests, experiments) are built on first use into the cache."""
     settings = settings or TinySettings()
-    return build_once(tiny_path(cache_dir, settings), lambda tmp_dir: build_tiny(tmp_dir, settings),
-                      f"building the built-in tiny model (once, ~{BUILD_SECONDS_ESTIMATE} s)")
+    path = tiny_path(cache_dir, settings)
+    if path == SHIPPED_DIR:
+        check_built(path, settings)
+        return path
+    return build_once(path, lambda tmp_dir: build_tiny(tmp_dir, settings), "building a tiny model with custom settings")
 
 
 def load_tiny(cache_dir: str | None = None, settings: TinySettings | None = None):
-    """The built-in tiny model (fp32, CPU, eval mode) and its tokenizer, built on first use."""
+    """The built-in tiny model (fp32, CPU, eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tiny_dir(cache_dir, settings)
@@ -584,10 +650,27 @@ def measure_flaw(model, tokenizer, corpus: BuiltinCorpus, n_sampled_texts: int =
     return result
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m minigrace.worlds.builtin",
+                                     description="Measure the shipped tiny model's designed flaw, or rebuild it.")
+    parser.add_argument("--rebuild", action="store_true",
+                        help=f"build the tiny model from TinySettings into {SHIPPED_DIR} (then commit that folder)")
+    args = parser.parse_args(argv)
+    if args.rebuild:
+        record = rebuild()
+        print(f"built {SHIPPED_DIR} in {record['build_seconds']} s ({record['built_with']}), "
+              f"SFT loss {record['sft_loss_first']} -> {record['sft_loss_last']}, "
+              f"model.safetensors sha256 {record['sha256']['model.safetensors']}")
+        return
     started = time.perf_counter()
     model, tokenizer = load_tiny()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny model: {n_params:,} parameters, ready in {time.perf_counter() - started:.1f} s")
     for name, value in measure_flaw(model, tokenizer, builtin_corpus()).items():
         print(f"{name:>20s} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
