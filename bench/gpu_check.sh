@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check (bench/gpu_check.py): kernels compiled for real, pool_sim at GRACE shapes, bf16 training
-# steps, torchrun + FSDP2 (+ offload), vLLM rollouts when installed. Run from the repo root on a GPU
-# machine whose python3 already has torch (CUDA), triton, transformers, peft and safetensors:
-#     bash bench/gpu_check.sh          # ≤ 10 minutes on one H100/H200; writes bench/results/gpu_check-<gpu>.json
-# The tiny model is built on first use (~1 min); carry a built one with MINIGRACE_CACHE=<dir> to skip that.
+# The GPU check (bench/gpu_check.py): kernel tests compiled, the first update's ratio, one step of
+# Qwen2.5-1.5B's shapes vs the memory model, grad checkpointing, sharded save + resume, LoRA, pool_sim's
+# three targets, vLLM (NOT RUN when missing). Run from the repo root on a GPU machine whose python3 has
+# torch (CUDA), triton, transformers, peft and safetensors:
+#     bash bench/gpu_check.sh          # ≤ 6 minutes by its budgets; writes ${OUT:-bench/results}/gpu_check.json
+# The tiny model ships in minigrace/worlds/tiny/: nothing is downloaded or built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \

@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
+from bench.common import check_out
 from bench.common import (PeakRSS, available_memory, device_name, emit, fmt, mib, run_child, summarize,
                           write_json)
 
@@ -204,13 +205,17 @@ def parse_args(argv=None):
         args.compiled = cuda
     if args.tokens is None:
         args.tokens = "1024,2048" if args.quick else ("2048,4096,8192,16384,32768" if cuda else "2048,4096,8192")
-    args.token_list = [int(t) for t in args.tokens.split(",") if t.strip()]
+    try:
+        args.token_list = [int(t) for t in args.tokens.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--tokens {args.tokens}: expected comma-separated whole numbers, e.g. 2048,4096")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.method_list if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {METHODS}")
     if any(t < 1 for t in args.token_list):
         p.error("--tokens must be positive")
+    check_out(p, args.out)
     return args
 
 

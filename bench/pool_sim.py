@@ -20,10 +20,13 @@ for fp32 dot products). Under LAUNCH_US the bound is the launch itself ("launch"
 the roofline of the GRACE shapes is printed for the reference GPUs, so a reader without a GPU sees the
 limit each GPU row has to be compared with.
 
-Targets (issue #14, judged only on a GPU at the GRACE shapes; a CPU run reports "n/a", never a PASS):
+Targets (issues #14 and #22, judged only on a GPU at the GRACE shapes; a CPU run reports "n/a", never a PASS):
   masked_mean_pool N=512 T=2048 H=1536 bf16: Triton kernel time >= 85% of HBM peak (mask and span entries)
-  grace_reward P=64 G=8 H=1536 (fp32, as the trainer passes it): 1 launch, e2e >= 3x eager, >= 1.5x compile
-  group_advantage N=512 G=8: 1 launch, e2e >= 3x eager, >= 1.5x compile
+  grace_reward P=64 G=8 H=1536 (fp32, as the trainer passes it): <= 2 launches (tiles + finish), e2e >= 3x eager,
+      >= 1.0x compile. Estimate (H100, from the sm_90 build): 128 programs x 48 K steps x 263 instructions per
+      warp, ~8-12 us of kernel time, L2 traffic 25 MB (~5 us); two launches ~20-25 us e2e from Python.
+  group_advantage N=512 G=8: 1 launch, no host sync, e2e >= 3x eager, >= 1.0x compile (a launch-bound op:
+      Inductor fuses the reference into one kernel too, so >= 1.5x compile is not reachable)
 """
 import argparse
 import logging
@@ -38,7 +41,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.common import device_name, fmt, summarize, time_fn, write_json
+from bench.common import check_out, device_name, fmt, summarize, time_fn, write_json
 from minigrace.kernels import (RewardWeights, grace_reward, grace_reward_reference, group_advantage,
                                group_advantage_reference, masked_mean_pool, masked_mean_pool_reference,
                                masked_mean_pool_span)
@@ -59,6 +62,7 @@ GPUS = [
 ROOFLINE_GPUS = ["H200", "H100 80GB HBM3"]  # printed on CPU (device names as torch reports them)
 LAUNCH_US = 2.0  # below this, a launch and its ramp-up, not bytes or FLOPs, set a kernel's time
 GRACE_POOL, GRACE_REWARD, GRACE_ADVANTAGE = (512, 2048, 1536), (64, 8, 1536), (512, 8)
+MAX_LAUNCHES = {"grace_reward": 2, "group_advantage": 1}  # kernels one call may put on the GPU (targets)
 
 
 def gpu_spec(name):
@@ -107,8 +111,9 @@ def reward_case(P, G, H, dtype, device, make_tensors=True):
     N, size = P * G, torch.finfo(dtype).bits // 8
     case = dict(name="grace_reward", shape=f"P={P} G={G} H={H} {str(dtype)[6:]}", dot_dtype=dtype,
                 bytes=(N + 2 * P) * H * size + 6 * N * 4,  # docs, group queries, negatives; 6 fp32 outputs
-                # the similarities the formulas need: doc-doc in groups, doc-query and query-doc (supervised)
-                flops=2 * H * (N * G + 2 * N * P),
+                # the similarities the formulas need: doc-doc in groups, doc-query (one product serves the
+                # discriminative and, with one query per group, the supervised query-doc maxima)
+                flops=2 * H * (N * G + N * P),
                 target=(P, G, H) == GRACE_REWARD and dtype == torch.float32)
     if not make_tensors:
         return case
@@ -129,9 +134,11 @@ def advantage_case(N, G, scale_std, device, make_tensors=True):
                 triton=lambda: group_advantage(rewards, G, scale_std=scale_std))
 
 
-def build_cases(quick, device, make_tensors=True):
+def build_cases(quick, device, make_tensors=True, targets_only=False):
     bf16, fp32 = torch.bfloat16, torch.float32
-    if quick:
+    if targets_only:  # the three GRACE target shapes (bench/gpu_check.py)
+        pool, reward, advantage = [GRACE_POOL], [(*GRACE_REWARD, fp32)], [(*GRACE_ADVANTAGE, False)]
+    elif quick:
         pool = [(16, T, H) for T in (128, 256) for H in (256, 384)]
         reward = [(8, 4, H, dtype) for H in (256, 384) for dtype in (fp32, bf16)]
         advantage = [(64, 8, False), (64, 8, True)]
@@ -276,9 +283,10 @@ def judge(case, rows, on_gpu):
         if case["name"] == "masked_mean_pool":
             checks[f"{r['impl']} %peak >= 85"] = (r["pct_peak"] or 0) >= 85
         else:
-            checks[f"{r['impl']} launches == 1"] = r["launches"] == 1
+            max_launches = MAX_LAUNCHES[case["name"]]
+            checks[f"{r['impl']} launches <= {max_launches}"] = (r["launches"] or 99) <= max_launches
             checks[f"{r['impl']} x eager >= 3"] = (r["speedup_vs_eager"] or 0) >= 3
-            checks[f"{r['impl']} x compile >= 1.5"] = (r["speedup_vs_compile"] or 0) >= 1.5
+            checks[f"{r['impl']} x compile >= 1.0"] = (r["speedup_vs_compile"] or 0) >= 1.0
     return dict(kernel=case["name"], shape=case["shape"], result="PASS" if all(checks.values()) else "FAIL",
                 checks=checks)
 
@@ -306,11 +314,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes (automatic on CPU)")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="only the three GRACE target shapes (pool, reward, advantage); needs CUDA")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/pool_sim-<device>.json)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for --device cpu (default 1: stable medians on a shared machine; "
                              "0 = torch's default)")
     args = parser.parse_args()
+    check_out(parser, args.out)
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks are counted in the JSON instead
@@ -338,7 +349,7 @@ def main():
     print(header)
     print("-" * len(header))
     rows, roofs, targets = [], [], []
-    for make_case in build_cases(quick, args.device):
+    for make_case in build_cases(quick, args.device, targets_only=args.targets_only and on_gpu):
         case = make_case()
         case_rows, roof = run_case(case, args.device, triton_ok, spec)
         rows += case_rows
@@ -368,7 +379,7 @@ def main():
         for t in ("masked_mean_pool", "grace_reward", "group_advantage"):
             if not any(v["kernel"] == t for v in targets):
                 targets.append(dict(kernel=t, result="n/a", why="the GRACE shapes were not measured on a GPU"))
-    print("\ntargets (issue #14):")
+    print("\ntargets (issues #14, #22):")
     for t in targets:
         print(f"  {t['kernel']:<17} {t.get('shape', ''):<26} {t['result']}"
               + (f"  {t['checks']}" if "checks" in t else f"  ({t['why']})"))

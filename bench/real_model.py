@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from bench.common import RESULTS, environment
+from bench.common import RESULTS, check_models, check_out, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -82,6 +82,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or str(RESULTS / ("real_model_cpu.json" if args.data == "everyday" else
                                           f"real_model_{args.data}_cpu.json"))
+    check_out(p, args.out)
+    for flag, checkpoint in (("--supervised", args.supervised), ("--unsupervised", args.unsupervised)):
+        check_models(p, flag, [checkpoint] if checkpoint else [])
+    if args.reuse and not os.path.isfile(args.reuse):
+        p.error(f"--reuse {args.reuse} is not a file: pass a JSON file this script wrote (--out)")
+    if os.path.isfile(args.runs):
+        p.error(f"--runs {args.runs} is a file, not a directory: pass the directory new runs go to")
     return args
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/realtext_sweep.py` from anywhere
 
-from bench.common import RESULTS, environment
+from bench.common import RESULTS, check_out, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["--model", "smollm2-135m", "--data", "realtext", "--mode", "supervised", "--max-steps", "12",
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in POINTS]
     if unknown:
         p.error(f"unknown points {unknown}; choose from {', '.join(POINTS)}")
+    check_out(p, args.out)
     if not args.collect:
         for name in names:
             if POINTS[name][1] is None and not checkpoint(POINTS[name][2]).exists():

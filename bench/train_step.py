@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from bench.common import check_out
 from bench.common import PeakRSS, device_name, emit, fmt, mib, process_peak_rss, rss_bytes, run_child, summarize, write_json
 
 TRAINERS = ("minigrace", "trl")
@@ -294,6 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step-<device>.json)")
     p.add_argument("--child", choices=(*TRAINERS, "base"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    check_out(p, args.out)
     args.steps = args.steps or (8 if args.quick else 120)
     args.eval_size = args.eval_size or (48 if args.quick else 200)
     if args.warmup_steps is None:

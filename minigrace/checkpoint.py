@@ -31,6 +31,7 @@ import random
 import shutil
 import socket
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -67,11 +68,26 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore rng_state's RNGs: Python, numpy and torch's CPU generator always; the CUDA generators only when
+    the state holds one per GPU present (--device may change on --resume: a CPU run continues on a GPU)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def set_generator_state(generator: torch.Generator, state: torch.Tensor) -> bool:
+    """generator.set_state(state) when the state is one of its kind (the trainer's rollout-noise generator is
+    on CPU; a run saved with one on CUDA has a 16-byte state): True. Else a warning, the generator as seeded,
+    and False: the run goes on with other rollout noise than it would have drawn."""
+    if state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+        return True
+    warnings.warn(f"the checkpoint's rollout-noise generator state ({state.numel()} bytes) is not a "
+                  f"{generator.device.type} generator's: the noise continues from the run's seed instead")
+    return False
 
 
 def save_checkpoint(path: str, model, tokenizer, trainer_state: dict | None = None, state_dict: dict | None = None,
@@ -470,7 +486,13 @@ def claim_run_dir(run_dir: str, overwrite: bool = False, resuming: bool = False)
     if overwrite and resuming:
         raise RunDirError(f"--overwrite with --resume {run_dir}: resuming continues the run in it; --overwrite "
                           f"starts a new one (drop one of them)")
-    os.makedirs(run_dir, exist_ok=True)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"--out {run_dir} is a file, not a directory: pass a new or existing run directory")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except (NotADirectoryError, PermissionError) as e:  # a file on the way, a parent that is not writable
+        raise RunDirError(f"--out {run_dir}: cannot create the run directory ({e.strerror}): pass a directory "
+                          f"you can write to") from None
     if not os.access(run_dir, os.W_OK):
         raise PermissionError(f"{run_dir}: the run directory is not writable")
     lock = RunLock(run_dir)

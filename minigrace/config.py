@@ -120,7 +120,8 @@ class GraceConfig:
                             "synced from the trainer every step; falls back to hf when vllm is not installed)",
                       choices=("hf", "vllm"))
     rollout_rows: int = _f(0, "hf rollouts: at most this many rows per batched generation (the KV cache is rows × "
-                              "tokens); 0 = all of the step's rows at once. Results do not depend on it")
+                              "tokens), and at most 64 in the held-out eval; 0 = all of the step's rows at once. "
+                              "Results do not depend on it")
     vllm_gpu_memory: float = _f(0.3, "fraction of GPU memory vLLM may take for weights and KV cache (--rollout vllm)")
     lora_r: int = _f(0, "LoRA rank: train low-rank adapters (peft) instead of every weight; 0 = full fine-tuning")
     lora_alpha: float = _f(32.0, "LoRA scaling α (the update is α/r · B·A)")
@@ -170,6 +171,10 @@ class GraceConfig:
             bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.vllm_gpu_memory < 1:
             bad("vllm_gpu_memory", f"must be in (0, 1), got {self.vllm_gpu_memory}")
+        if self.device not in ("auto", "cpu"):  # (torch is imported only here)
+            from .models import device_problem
+            if device_problem(self.device):
+                bad("device", device_problem(self.device))
         if self.dtype == "fp16":
             bad("dtype", "fp16 training needs loss scaling (a GradScaler) or its gradients underflow, and minigrace "
                          "does not scale losses: use bf16 (GPUs since Ampere) or fp32 (older GPUs)")
@@ -239,7 +244,7 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-1.5b": dict(rollout_rows=160, grad_checkpointing=True, max_tokens_per_microbatch=16384),
     "qwen2.5-3b": dict(rollout_rows=80, grad_checkpointing=True, max_tokens_per_microbatch=16384),
     "llama3.2-3b": dict(rollout_rows=40, grad_checkpointing=True, max_tokens_per_microbatch=16384),
-    "qwen3-4b": dict(rollout_rows=32, grad_checkpointing=True, max_tokens_per_microbatch=4096),
+    "qwen3-4b": dict(rollout_rows=20, grad_checkpointing=True, max_tokens_per_microbatch=4096),
 }
 # Why each preset differs from GRACE's values; the GiB are bench/memory_model.py's peaks on one GPU
 # (tests/test_memory_model.py checks them). Unbounded = all 640 rollouts at once, no checkpointing.
@@ -247,10 +252,10 @@ PRESET_WHY = {
     "tiny": "a 0.3M-parameter model on CPU: short rationales, a high lr, 80 steps (~1 min)",
     "smollm2-135m": "SmolLM2 on CPU, README's realtext recipe (≈ 45 min on 2 cores): 16-token rationales (most are "
                     "cut: no length penalty), lr 2e-5, 96 steps",
-    "qwen2.5-1.5b": "one 80 GB GPU: peak 48 GiB (unbounded: 130 GiB)",
-    "qwen2.5-3b": "one 80 GB GPU: peak 62 GiB (unbounded: 179 GiB)",
-    "llama3.2-3b": "one 80 GB GPU: peak 65 GiB (unbounded: 319 GiB; 8 KV heads, 4x Qwen2.5's KV cache per row)",
-    "qwen3-4b": "one 80 GB GPU: peak 75 GiB at the AdamW step (unbounded: 393 GiB; fp32 weights, "
+    "qwen2.5-1.5b": "one 80 GB GPU: peak 52 GiB (unbounded: 146 GiB)",
+    "qwen2.5-3b": "one 80 GB GPU: peak 63 GiB (unbounded: 200 GiB)",
+    "llama3.2-3b": "one 80 GB GPU: peak 69 GiB (unbounded: 421 GiB; 8 KV heads, 4x Qwen2.5's KV cache per row)",
+    "qwen3-4b": "one 80 GB GPU: peak 75 GiB at the AdamW step (unbounded: 523 GiB; fp32 weights, "
                 "gradients and AdamW states alone are 60 GiB)",
 }
 
@@ -353,20 +358,36 @@ def _default_note(name: str, value, source: str) -> str:
 
 def _load_file(path: str) -> dict:
     """A YAML or JSON file of fields → {field: value}, each checked against the field's type."""
-    with open(path) as fh:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            values = yaml.safe_load(fh) or {}
-        else:
-            values = json.load(fh)
+    values = _read_file(path)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ValueError(f"{path}: unknown config field(s) {unknown}")
+        raise ValueError(f"{path}: unknown config field(s) {unknown}: the fields are the flags of "
+                         f"`python train.py --help`, with _ for -")
     if "config" in values:
         raise ValueError(f"{path}: a config file cannot name another config file")
     return {name: _coerce(path, name, value) for name, value in values.items()}
+
+
+def _read_file(path: str):
+    """The parsed YAML (.yaml/.yml) or JSON of a --config file; a one-line ValueError for a file that is not one."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"{path} {what}: pass a YAML or JSON file")
+    import yaml
+    try:
+        with open(path) as fh:
+            return (yaml.safe_load(fh) or {}) if path.endswith((".yaml", ".yml")) else json.load(fh)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}): fix the file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}): fix the file "
+                         f"(a .yaml/.yml name reads it as YAML)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file: pass a YAML or JSON file") from None
 
 
 def _coerce(path: str, name: str, value):
@@ -416,8 +437,12 @@ def find_run(resume: str) -> str:
 
 def resume_config(run_dir: str, overrides: dict) -> GraceConfig:
     """The run's own config, with the given fields that may change on resume (RESUMABLE)."""
-    with open(os.path.join(run_dir, "config.json")) as fh:
-        saved = {**ADDED_SINCE, **json.load(fh)}
+    try:
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            saved = {**ADDED_SINCE, **json.load(fh)}
+    except ValueError as e:
+        raise ValueError(f"--resume {run_dir}: its config.json is not valid JSON ({e}): restore it from a "
+                         f"checkpoint's trainer state or a backup, or start a new run") from None
     conflicts = resume_conflicts(saved, overrides)
     if conflicts:
         raise ValueError(f"--resume {run_dir}: the run was trained with a different config: {', '.join(conflicts)}. "

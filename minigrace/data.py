@@ -363,6 +363,29 @@ def _write_rejects(path: str, source: _Source, bad: list[tuple[_Row, str]]) -> N
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def _open_for(source, mode: str) -> _Source:
+    opened = _open_source(source)
+    if opened.plain_text and mode == "supervised":
+        raise DataError(
+            f"{opened.name}: a text file holds one unsupervised text per line; mode='supervised' "
+            "needs query/positive rows (.jsonl/.json/.parquet/datasets directory)"
+        )
+    return opened
+
+
+def check_source(source: str | os.PathLike, mode: str = "auto") -> None:
+    """Raise the DataError that load_examples would for a source with nothing to train on, reading rows only
+    up to the first usable one: a missing path, an unknown file type, a directory that datasets did not save,
+    an empty file, no row with the columns `mode` needs. Bad rows further on are found when it loads."""
+    opened = _open_for(source, mode)
+    rows = (row for row in opened.rows if not row.blank)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{opened.name}: no training data (no rows at all, or only blank lines)")
+    if not opened.plain_text:
+        _resolve_mode(itertools.chain([first], rows), mode, opened)
+
+
 def load_examples(
     source: str | os.PathLike | list[dict],
     mode: str = "auto",
@@ -384,12 +407,7 @@ def load_examples(
         raise DataError(f"unknown data mode {mode!r}; expected one of {list(MODES)}")
     if not isinstance(max_chars, int) or max_chars < 1:
         raise DataError(f"max_chars must be a positive integer, got {max_chars!r}")
-    source = _open_source(source)
-    if source.plain_text and mode == "supervised":
-        raise DataError(
-            f"{source.name}: a text file holds one unsupervised text per line; mode='supervised' "
-            "needs query/positive rows (.jsonl/.json/.parquet/datasets directory)"
-        )
+    source = _open_for(source, mode)
     rows = iter(source.rows)
     mode, text_column, decided_at, read = _resolve_mode(rows, mode, source)
     validator = _Validator(mode, text_column, decided_at, max_chars)

@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: real tasks read the local HF cache
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = _parser().parse_args(argv)
-    from .models import ModelNotAvailable
+    from .checkpoint import CheckpointError
+    from .models import ModelNotAvailable, check_model, resolve_device
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -494,22 +495,26 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--pooling {args.pooling} needs a rationale: --rationale none pools the text alone")
         if columns and args.rationale != "generate":
             raise ValueError("--rationale applies without --compare; --compare sets it per column")
-        if columns and not args.base:
-            base_model_of(args.model)  # fail before any work
+        for model in [args.model] + ([args.base or base_model_of(args.model)] if columns else []):
+            check_model(model)  # fail before any work
+        resolve_device(args.device)
         names = [s.strip() for s in args.tasks.split(",") if s.strip()]
         if not names:
             raise ValueError("--tasks is empty")
         out_dir = args.out or os.path.join("runs", time.strftime("eval-%Y%m%d-%H%M%S"))
-        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"--out {out_dir} is a file, not a directory: pass a new or existing output directory")
 
         tasks, skipped = load_tasks(names, [s for s in args.languages.split(",") if s] or None)
+        if not tasks:
+            reasons = "; ".join(why.splitlines()[0] for why in skipped.values())
+            raise ValueError(f"--tasks {args.tasks}: none of them can run ({reasons}); pass builtin, everyday, "
+                             f"realtext or mteb task names whose data is in the local HF cache")
         for why in skipped.values():
             print(f"not run: {why}", file=sys.stderr)
-        if not tasks:
-            print("error: none of the requested tasks can run", file=sys.stderr)
-            return 2
+        os.makedirs(out_dir, exist_ok=True)
         scores, failed = evaluate_columns(args, columns, tasks, out_dir)
-    except (ModelNotAvailable, ValueError, FileNotFoundError, PermissionError) as e:
+    except (ModelNotAvailable, CheckpointError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

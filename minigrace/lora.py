@@ -17,6 +17,17 @@ import torch
 from .models import load_merged
 
 
+BASE_DTYPES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def base_dtype(compute_dtype: torch.dtype | None) -> str:
+    """The --dtype name to load the frozen base in: the compute dtype under autocast (bf16 weights are what
+    its matmuls read: autocast would otherwise recast every fp32 base weight in every forward, and the frozen
+    base needs no fp32 master copy), fp32 without autocast. The adapters stay fp32 (peft upcasts them), so
+    the trained weights and their AdamW state are fp32 either way."""
+    return BASE_DTYPES[compute_dtype]
+
+
 def add_adapters(model, cfg, resume_from: str | None = None):
     """The HF model → a peft model with fresh adapters (or the adapters saved in `resume_from`)."""
     from peft import LoraConfig, PeftModel, get_peft_model

@@ -33,6 +33,13 @@ def _fp32_matmuls(device: torch.device):
             torch.set_float32_matmul_precision(precision)
 
 
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [..., H] through lm_head `weight` [V, H] → logits [..., V] in fp32, autocast off: the numbers
+    the chunked log-probs below compute, for the rollout's sampling logits (rollout.fp32_lm_head)."""
+    with _fp32_matmuls(hidden.device):
+        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """log p(targets | hidden) under lm_head `weight`, `chunk` rows at a time. hidden [M, H] → [M] fp32.
     Logits, their gradient and the lm_head gradient are fp32; gradients come back in the inputs' dtypes."""

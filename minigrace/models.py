@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -28,11 +29,24 @@ class ModelNotAvailable(RuntimeError):
     """The weights are not on this machine; the message says how to get them."""
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` (--device) cannot be used on this machine, or None."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        return f"expected auto, cpu, cuda or cuda:N, got {device!r}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA is not available on this machine (use --device cpu)"
+    n_gpus = torch.cuda.device_count() if device.startswith("cuda:") else 0
+    if device.startswith("cuda:") and int(device[5:]) >= n_gpus:
+        return f"this machine has {n_gpus} CUDA device(s): use cuda:0 to cuda:{n_gpus - 1}"
+    return None
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(f"--device {device}: {problem}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     return torch.device(device)
 
 
@@ -43,6 +57,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise ValueError(f"--dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
     return table[dtype]
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """Training's autocast dtype for --dtype on `device`, None for plain fp32. The trained weights and AdamW
+    state are fp32 either way; bf16 (the default on CUDA) computes under autocast on a GPU and on CPU alike,
+    so `--device cpu --dtype bf16` runs the GPU's dtype path on CPU."""
+    dtype = resolve_dtype(dtype, device)
+    return None if dtype == torch.float32 else dtype
 
 
 def model_source(name: str) -> str:
@@ -57,31 +79,51 @@ def model_source(name: str) -> str:
     return ALIASES.get(name.lower(), name)
 
 
+def check_model(name: str) -> str:
+    """What `name` loads from (model_source), checked without loading it: ModelNotAvailable (a one-line
+    reason and its fix) for a directory or file that holds no model, a name that is none of an alias, a
+    directory and an HF id, or an HF id not in the local cache; CorruptCheckpoint for a damaged checkpoint."""
+    source = model_source(name)
+    if os.path.isdir(source):
+        check_model_dir(source)  # a half-written or corrupted checkpoint: say which file, not a loader traceback
+        if not is_adapter_dir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+            raise ModelNotAvailable(f"model {name!r} is a directory with no model in it (no config.json): pass a "
+                                    f"saved model directory (e.g. a run's checkpoint-final), an alias or an HF id")
+        return source
+    if os.path.exists(source):
+        raise ModelNotAvailable(f"model {name!r} is a file, not a model: pass a saved model directory (e.g. a "
+                                f"run's checkpoint-final), an alias or an HF id")
+    if "/" not in source or source.startswith((".", "/", "~")):
+        raise ModelNotAvailable(f"unknown model {name!r}, not a local directory: pass an alias "
+                                f"({', '.join(['tiny', 'smollm2-135m', *ALIASES])}), a model directory or an HF "
+                                f"id of the form org/name")
+    from huggingface_hub import try_to_load_from_cache
+    if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        raise ModelNotAvailable(_not_offline(name, source, "not in the local HF cache"))
+    return source
+
+
+def _not_offline(name: str, source: str, why: str) -> str:
+    return (f"model {name!r} is not available offline ({source}: {why}), and minigrace never downloads at run "
+            f"time: run `huggingface-cli download {source}` on a machine with internet (it lands in the HF cache, "
+            f"$HF_HOME), or pass a local model directory")
+
+
 def load_model(name: str, device: str = "auto", dtype: str = "auto", for_training: bool = True):
     """Load (model, tokenizer) for `name`, on `device` in `dtype`, with left padding for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = model_source(name)
-    if os.path.isdir(source):
-        check_model_dir(source)  # a half-written or corrupted checkpoint: say which file, not a loader traceback
-        if is_adapter_dir(source):  # a LoRA checkpoint: its base + the merged adapter
-            return load_merged(source, device, dtype, for_training)
+    source = check_model(name)
+    if is_adapter_dir(source):  # a LoRA checkpoint: its base + the merged adapter
+        return load_merged(source, device, dtype, for_training)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if not os.path.isdir(source) and ("/" not in source or source.startswith((".", "/", "~"))):
-        raise ModelNotAvailable(
-            f"unknown model {name!r}: not an alias ({', '.join(['tiny', 'smollm2-135m', *ALIASES])}), "
-            f"not a local directory, and not an HF id of the form org/name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch_dtype)
     except OSError as e:
-        raise ModelNotAvailable(
-            f"model {name!r} ({source}) is not available offline, and minigrace never downloads at run time.\n"
-            f"  Get it on a machine with internet:  huggingface-cli download {source}\n"
-            f"  (it lands in the HF cache, ~/.cache/huggingface/hub, or $HF_HOME), then run again;\n"
-            f"  or pass a local directory: --model /path/to/{source.split('/')[-1]}\n"
-            f"  ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise ModelNotAvailable(_not_offline(name, source, why)) from None
     if tokenizer.chat_template is None:
         raise ModelNotAvailable(f"{source} has no chat template: GRACE needs an instruct (chat) model")
     prepare_tokenizer(tokenizer)

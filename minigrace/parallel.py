@@ -109,13 +109,13 @@ class Ranks:
 
     @contextlib.contextmanager
     def gradient_sync(self, model: torch.nn.Module, sync: bool):
-        """Accumulate gradients over micro-batches; all-reduce / reduce-scatter only when `sync`."""
+        """Accumulate gradients over micro-batches. DDP all-reduces only when `sync` (the last micro-batch).
+        FSDP reduce-scatters every micro-batch's gradients into the sharded (or offloaded) ones: skipping it
+        (set_requires_gradient_sync(False)) would hold an unsharded fp32 gradient of every parameter on the GPU
+        until the last micro-batch, 4 B per parameter even with --offload (bench/memory_model.py)."""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
             with model.no_sync():
                 yield
-        elif is_fsdp(model):
-            model.set_requires_gradient_sync(sync)
-            yield
         else:
             yield
 
@@ -126,19 +126,27 @@ def process_group_backend(device: torch.device) -> str:
     return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
+def cuda_device(device: torch.device, local_rank: int | None) -> torch.device:
+    """This process's GPU with an index, which torch.cuda.set_device and init_process_group(device_id=…)
+    require (torch ≥ 2.13 raises on a bare "cuda"): cuda:LOCAL_RANK under torchrun, else the flag's own
+    index (--device cuda:1), else 0, the first visible GPU."""
+    if local_rank is not None:
+        return torch.device("cuda", local_rank)
+    return device if device.index is not None else torch.device("cuda", 0)
+
+
 def setup(device: str) -> Ranks:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
     `device`: the --device flag; under torchrun, cuda means this rank's GPU (cuda:LOCAL_RANK)."""
     from .models import resolve_device
 
     dev = resolve_device(device)
+    launched = "WORLD_SIZE" in os.environ  # plain `python train.py`: one process, no wrapping
     if dev.type == "cuda":  # the current device is the one kernels and NCCL use by default
+        dev = cuda_device(dev, int(os.environ["LOCAL_RANK"]) if launched else None)
         torch.cuda.set_device(dev)
-    if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: one process, no wrapping
+    if not launched:
         return Ranks(0, 1, dev, launched=False)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(process_group_backend(dev), device_id=dev if dev.type == "cuda" else None)
     return Ranks(dist.get_rank(), dist.get_world_size(), dev, launched=True)

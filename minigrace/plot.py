@@ -205,6 +205,20 @@ class TensorBoardLog:
 # -----------------------------------------------------------------------------
 
 
+def out_problem(path: str) -> str | None:
+    """Why the image `path` (--out) could not be written, or None."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if os.path.isdir(path):
+        return f"is a directory: pass the image file to write, e.g. {os.path.join(path, PLOT_NAME)}"
+    if os.path.splitext(path)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        return f"not an image file name: pass a .png path, e.g. {PLOT_NAME}"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else f"{parent} is a file, not a directory: pass a path in a directory"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         prog="python -m minigrace.plot",
@@ -220,9 +234,16 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("drawing needs matplotlib: pip install \"minigrace[plot]\"")
     for run_dir in args.runs:
         if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-            parser.error(f"{run_dir} holds no metrics.jsonl: pass run directories (python train.py --out DIR)")
+            what = ("does not exist" if not os.path.exists(run_dir) else "is a file, not a run directory"
+                    if os.path.isfile(run_dir) else "holds no metrics.jsonl")
+            parser.error(f"{run_dir} {what}: pass run directories (python train.py --out DIR)")
     out = args.out or (os.path.join(args.runs[0], PLOT_NAME) if len(args.runs) == 1 else PLOT_NAME)
-    path = plot_runs(args.runs, out)
+    if out_problem(out):
+        parser.error(f"--out {out}: {out_problem(out)}")
+    try:
+        path = plot_runs(args.runs, out)
+    except ValueError as e:  # nothing to plot yet
+        parser.error(str(e))
     print(path)
     return path
 

@@ -13,11 +13,13 @@ system prompt once per batch and returns the mean pooled states collected while 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from .loss import fp32_logits
 from .prompts import ChatPrompt
 
 
@@ -117,8 +119,31 @@ def shared_prefix_length(prompts: list[ChatPrompt]) -> int:
     return n
 
 
+@contextlib.contextmanager
+def fp32_lm_head(head: torch.nn.Module):
+    """Within it, `head` (the lm_head linear) projects in fp32 with autocast off, as the loss does
+    (loss.fp32_logits): sampling and the PPO ratio read the same fp32 logits. Under bf16 autocast the
+    head's own matmul would round them to bf16 (a step of 0.125 at |logit| 16..32). The head's own
+    (autocast) matmul is handed zero positions, so the logits are computed once."""
+    kept = []
+
+    def keep_input(module, args):  # the hidden states [n, k, H]: kept; the head projects none of them
+        kept.append(args[0])
+        return (args[0][..., :0, :],)
+
+    def fp32_output(module, args, output):  # replaces the head's empty output [n, 0, V] with [n, k, V] fp32
+        return fp32_logits(kept.pop(), module.weight, module.bias)
+
+    hooks = [head.register_forward_pre_hook(keep_input), head.register_forward_hook(fp32_output)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class KVDecoder:
-    """One batch's KV cache, extended a token at a time. Every forward returns the next-token logits [n, V]
+    """One batch's KV cache, extended a token at a time. Every forward returns the next-token logits [n, V] fp32
     (or None) and, with `hidden=True`, the last-layer hidden states (after the final norm) of the fed tokens.
 
     Rows are laid out as [shared prefix | left padding | rest of the prompt | generated tokens]; positions
@@ -129,6 +154,7 @@ class KVDecoder:
         hf_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         hf_model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # peft's wrapped one
         self.cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        self.lm_head = hf_model.get_output_embeddings()  # its logits come out fp32 (fp32_lm_head)
         self.cache = None
         self.attention = None  # [n, C] long: 1 on the real tokens of the C cached columns
         self.next_position = None  # [n]: the position the next fed token takes
@@ -136,8 +162,9 @@ class KVDecoder:
     def forward(self, ids: torch.Tensor, position: torch.Tensor, logits: bool, model=None):
         keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=ids.device)  # empty: no lm_head at all
         past = {} if self.cache is None else {self.cache_arg: self.cache}
-        out = (model or self.model)(input_ids=ids, attention_mask=self.attention, position_ids=position, use_cache=True,
-                         output_hidden_states=self.hidden, logits_to_keep=keep, **past)
+        with fp32_lm_head(self.lm_head) if logits else contextlib.nullcontext():
+            out = (model or self.model)(input_ids=ids, attention_mask=self.attention, position_ids=position,
+                                        use_cache=True, output_hidden_states=self.hidden, logits_to_keep=keep, **past)
         self.cache = _cache(out)
         return (out.logits[:, -1] if logits else None), (out.hidden_states[-1] if self.hidden else None)
 

@@ -38,7 +38,7 @@ class Policy:
     module: torch.nn.Module  # the HF (or peft) model itself: generation, no-grad forwards, saving
     tokenizer: object
     ref_model: torch.nn.Module | None  # frozen copy, only when kl_coef > 0 without LoRA
-    autocast_dtype: torch.dtype | None  # bf16 autocast on CUDA; None on CPU
+    autocast_dtype: torch.dtype | None  # bf16 under --dtype bf16 (the default on CUDA, GPU or CPU); None: fp32
     ranks: parallel.Ranks
     lora: bool = False  # adapters on a frozen base: the base (adapters off) is the KL reference
     vllm: object | None = None  # VLLMRollout for --rollout vllm
@@ -109,7 +109,8 @@ def grace_step(policy: Policy, optimizer, scheduler, examples: list[Example], cf
     with policy.autocast(), parallel.full_weights(policy.model):
         rollouts = sample_rollouts(policy, prompts, temperatures, noise, cfg)  # ids [N, L]
         # 2. Embed: one forward gives embeddings for the reward and the sampling policy's log-probs.
-        fwd = forward_rollouts(policy.module, rollouts, cfg.max_tokens_per_microbatch, cfg.logprob_chunk)
+        fwd = forward_rollouts(policy.module, rollouts, cfg.max_tokens_per_microbatch, cfg.logprob_chunk,
+                               share_prefix=shares_prefix(policy, cfg))
         main = rollouts.rows(slice(0, n_main))  # the rollouts that train
         ref_logprobs = reference_logprobs(policy, main, cfg)  # [n_main, L] or None
     rollout_time = time.perf_counter() - t0
@@ -205,14 +206,24 @@ def reference_logprobs(policy: Policy, rows: Rollouts, cfg: GraceConfig) -> torc
     """Log-probs under the frozen reference [n, L]: the base with LoRA adapters off, or the frozen copy."""
     if cfg.kl_coef <= 0:
         return None
-    # The full forward, as the loss computes the policy's log-probs: the KL is 0 while the two models agree
-    # (a prefix-shared forward would differ from the loss's by float noise, which the KL would show).
+    # The forward the loss computes the policy's log-probs with: the KL is 0 while the two models agree
+    # (another forward would differ from the loss's by float noise, which the KL would show).
     kw = dict(max_tokens_per_microbatch=cfg.max_tokens_per_microbatch, logprob_chunk=cfg.logprob_chunk,
-              share_prefix=False)
+              share_prefix=shares_prefix(policy, cfg))
     if policy.lora:
         with policy.module.disable_adapter():
             return forward_rollouts(policy.module, rows, **kw).old_logprobs
     return forward_rollouts(policy.ref_model, rows, **kw).old_logprobs
+
+
+def shares_prefix(policy: Policy, cfg: GraceConfig) -> bool:
+    """Whether the step's forwards run the rows' system prompt once and continue every row from a copy of its
+    KV cache (embed.prefixed_forward). The update cannot where a second forward before backward is not allowed:
+    gradient checkpointing recomputes layers without a KV cache, and FSDP reshards a layer's weights after each
+    forward, under the prefix's saved activations. The embedding pass (old log-probs) and the KL reference then
+    take the full forward too: one kind of forward on every side keeps the first update's ratio at 1 (the two
+    kinds differ by float noise: max |ratio − 1| 1.9e-6 on the fp32 CPU path with --grad-checkpointing)."""
+    return not (cfg.grad_checkpointing or parallel.is_fsdp(policy.model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +237,8 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     model, ranks = policy.model, policy.ranks
     model.train()
     rows_per_update = cfg.mini_batch_size // ranks.world * cfg.group_size
-    # The system prompt runs once per micro-batch (embed.prefixed_forward). The full forward stays where a
-    # second forward before backward is not allowed: gradient checkpointing recomputes layers without a KV
-    # cache, and FSDP reshards a layer's weights after each forward, under the prefix's saved activations.
-    share = not (cfg.grad_checkpointing or parallel.is_fsdp(model))
-    prefix, positions, main = split_prefix(main, share)  # [S], [n_main, L], each row after the prefix
+    # The system prompt runs once per micro-batch (embed.prefixed_forward) unless the model cannot (shares_prefix).
+    prefix, positions, main = split_prefix(main, shares_prefix(policy, cfg))  # [S], [n_main, L], rows after it
     stats = UpdateStats(0.0, 0.0, 0.0, 0.0, 0, 0)
     sums = torch.zeros(4, device=main.ids.device)  # loss, clip, dual clip, KL: on the device until the end
     for _ in range(cfg.ppo_epochs):

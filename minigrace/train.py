@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import lora, parallel
+from . import lora, models, parallel
 from .checkpoint import (CheckpointError, claim_run_dir, load_trainer_state, prune_checkpoints, resume_checkpoint,
-                         rng_state, save_checkpoint, set_rng_state, sharded_dir, write_json)
-from .config import GraceConfig, resume_conflicts
-from .data import Example, PromptBatches, load_examples, split_heldout
+                         rng_state, save_checkpoint, set_generator_state, set_rng_state, sharded_dir, write_json)
+from .config import GraceConfig, flag, resume_conflicts
+from .data import DataError, Example, PromptBatches, check_source, load_examples, split_heldout
 from .eval import MtebEncoder, heldout_retrieval, load_tasks, run_tasks
 from .metrics import step_metrics
-from .models import load_model, model_source, resolve_dtype
+from .models import check_model, load_model, model_source
 from .plot import TensorBoardLog, write_run_plot
 from .reward import compute_rewards
 from .step import Policy, StepResult, grace_step
@@ -48,6 +48,7 @@ def main(cfg: GraceConfig, resume: str = "", reward_fn=compute_rewards) -> dict:
     ranks = parallel.setup(cfg.device)
     quiet_transformers()
     try:
+        check_inputs(cfg, resume)  # a mistake in a path stops the run before anything is written
         with open_run_dir(cfg, resume, ranks) as (out_dir, resume_from):  # locked until the run ends (issue #16)
             with StopOnSignal(ranks.is_main) as stop:  # from the start: a SIGTERM while loading still saves
                 run = start_run(cfg, ranks, out_dir, resume_from)
@@ -80,7 +81,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: PromptBatches
-    generator: torch.Generator  # rollout sampling noise
+    generator: torch.Generator  # rollout sampling noise; on CPU: the same rollouts, and resumable, on any device
     heldout: list[Example]
     corpus: object  # the built-in corpus (it knows each text's topic) or None
     tasks: list  # mteb tasks of --eval-tasks
@@ -105,11 +106,11 @@ def start_run(cfg: GraceConfig, ranks: parallel.Ranks, out_dir: str, resume_from
         write_json(os.path.join(out_dir, "config.json"), {**cfg.to_dict(), "resolved_mode": mode})
     policy = build_policy(cfg, ranks, resume_from)
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, **adamw_options(ranks.device, cfg.offload))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     run = Run(cfg, out_dir, mode, policy, optimizer, scheduler, batches,
-              torch.Generator(device=ranks.device).manual_seed(cfg.seed), heldout, corpus, eval_tasks(cfg, ranks),
+              torch.Generator().manual_seed(cfg.seed), heldout, corpus, eval_tasks(cfg, ranks),
               total_steps=cfg.max_steps or cfg.epochs * batches.steps_per_epoch, n_train=len(train_examples),
               log=RunLog(out_dir, cfg.report_to) if ranks.is_main else None)
     if state is not None:
@@ -122,6 +123,27 @@ def start_run(cfg: GraceConfig, ranks: parallel.Ranks, out_dir: str, resume_from
         if run.log:
             run.log.metric({"step": 0, **run.eval_before})
     return run
+
+
+BUILTIN_DATA = ("builtin", "everyday", "realtext")  # --data names of the shipped sets (load_data)
+
+
+def check_inputs(cfg: GraceConfig, resume: str = "") -> None:
+    """DataError naming the flag / ModelNotAvailable, for a --data, --eval-data or --model that cannot load."""
+    for name, path, mode in (("data", cfg.data, cfg.mode), ("eval_data", cfg.eval_data, "supervised")):
+        if path and path not in BUILTIN_DATA:
+            try:
+                check_source(path, mode)
+            except DataError as e:
+                raise DataError(f"{flag(name)} {e}") from None
+    if not resume:  # a resumed run loads its checkpoint
+        check_model(cfg.model)
+
+
+def adamw_options(device: torch.device, offload: bool = False) -> dict:
+    """AdamW's implementation: fused on CUDA (one kernel over all parameters, a lower peak than the foreach
+    default's temporaries); torch's default on CPU and for FSDP's CPU-offloaded shards (AdamW steps on CPU)."""
+    return {"fused": True} if device.type == "cuda" and not offload else {}
 
 
 @contextlib.contextmanager
@@ -203,12 +225,11 @@ def eval_tasks(cfg: GraceConfig, ranks: parallel.Ranks) -> list:
 def build_policy(cfg: GraceConfig, ranks: parallel.Ranks, resume_from: str | None) -> Policy:
     """Load the model (+ LoRA adapters), gradient checkpointing, the KL reference, DDP / FSDP."""
     device = ranks.device
-    model_dtype = resolve_dtype(cfg.dtype, device)
-    compute_dtype = model_dtype if device.type == "cuda" and model_dtype != torch.float32 else None
-    # Train fp32 weights (AdamW state stays exact) and compute in bf16 under autocast on GPU.
+    compute_dtype = models.compute_dtype(cfg.dtype, device)
+    # Train fp32 weights (AdamW state stays exact) and compute in bf16 under autocast (--dtype bf16, GPU or CPU).
     weights_from = None if sharded_dir(resume_from) else resume_from  # sharded: loaded after wrapping (restore)
     if cfg.lora_r:
-        base, tokenizer = load_model(cfg.model, str(device), "fp32")
+        base, tokenizer = load_model(cfg.model, str(device), lora.base_dtype(compute_dtype))  # frozen: no fp32 copy
         module = lora.add_adapters(base, cfg, weights_from)
     else:
         module, tokenizer = load_model(weights_from or cfg.model, str(device), "fp32")
@@ -239,7 +260,7 @@ def restore(run: Run, state: dict) -> None:
     same_ranks = len(state.get("rank_rngs") or []) == ranks.world
     rng, generator = state["rank_rngs"][ranks.rank] if same_ranks else (state["rng"], state["generator"])
     set_rng_state(rng)
-    run.generator.set_state(generator)
+    set_generator_state(run.generator, generator)
     run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
     run.eval_before = state.get("eval_before", {})
 
@@ -412,7 +433,7 @@ def evaluate(policy: Policy, heldout: list[Example], cfg: GraceConfig, corpus, t
         with policy.autocast(), parallel.full_weights(policy.model):
             metrics, doc_rationales, _ = heldout_retrieval(
                 policy.module, policy.tokenizer, heldout, max_new_tokens=cfg.max_new_tokens,
-                max_prompt_len=cfg.max_prompt_len)
+                max_prompt_len=cfg.max_prompt_len, batch_size=min(64, cfg.rollout_rows or 64))  # KV cache bound
         out = {f"eval_{k}": v for k, v in metrics.items()}
         if corpus is not None:  # built-in data knows each text's topic: how often does the rationale name it?
             rows = corpus.heldout[:len(heldout)]

@@ -6,7 +6,14 @@ trainer's current weights are streamed into the engine one parameter at a time (
 vLLM's in-place weight update, through the public `LLM.apply_model`), then the engine's prefix
 cache is reset: every prompt shares the system prompt, and KV computed with the old weights must
 not be reused. In-place loads keep the weights' addresses, so CUDA graphs stay valid (no
-enforce_eager). Sampling is seeded per row from the row's noise, so a rollout does not depend on
+enforce_eager).
+
+The engine sleeps between rollouts (vLLM's sleep mode, level 1: its bf16 weights move to CPU memory,
+its KV cache is freed) and wakes up before the weight sync: its --vllm-gpu-memory share of the GPU
+(0.3 ≈ 24 GiB of 80 GB) is taken only while it samples, not while the trainer embeds, trains and
+steps AdamW (bench/memory_model.py counts it in the rollout phase only).
+
+Sampling is seeded per row from the row's noise, so a rollout does not depend on
 which rank draws it (though vLLM's tokens are not bit-identical to the HF path's).
 
 UNTESTED HERE: vLLM does not install on the CPU machine minigrace is developed on (bench/gpu_check.sh
@@ -41,6 +48,14 @@ def make_vllm_rollout(cfg, model_source: str, device: torch.device, distributed:
     return VLLMRollout(model_source, cfg, distributed)
 
 
+def vllm_engine_kwargs(cfg, model_source: str, distributed: bool) -> dict:
+    """Keyword arguments of vllm.LLM(...): bf16, --vllm-gpu-memory of the GPU while awake, room for the longest
+    prompt + rationale, seeded, one engine per torchrun rank, and sleep mode (see VLLMRollout.sleep)."""
+    return dict(model=model_source, dtype="bfloat16", gpu_memory_utilization=cfg.vllm_gpu_memory,
+                max_model_len=cfg.max_prompt_len + cfg.max_new_tokens, seed=cfg.seed,
+                distributed_executor_backend="external_launcher" if distributed else None, enable_sleep_mode=True)
+
+
 class VLLMRollout:
     def __init__(self, model_source: str, cfg, distributed: bool):
         from vllm import LLM
@@ -49,13 +64,27 @@ class VLLMRollout:
             raise ValueError("--rollout vllm syncs weights into an engine in this process: unset "
                              "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the model in this process
-        self.llm = LLM(model=model_source, dtype="bfloat16", gpu_memory_utilization=cfg.vllm_gpu_memory,
-                       max_model_len=cfg.max_prompt_len + cfg.max_new_tokens, seed=cfg.seed,
-                       distributed_executor_backend="external_launcher" if distributed else None)
+        self.llm = LLM(**vllm_engine_kwargs(cfg, model_source, distributed))
+        self.asleep = False
+        self.sleep()  # until the first step's weight sync: the trainer has the GPU to itself meanwhile
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory: level 1 moves its weights to CPU memory and drops its KV cache
+        (and its prefix cache with it)."""
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Take the engine's GPU memory back (weights and KV cache) before it is written or sampled from."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     @torch.no_grad()
     def sync_weights(self, module: torch.nn.Module, lora: bool) -> None:
         """Stream the trainer's current weights into the engine, then drop every cached prefix."""
+        self.wake_up()
         if lora:
             module.merge_adapter()  # the engine holds plain weights: W + (α/r)·B·A
         try:
@@ -74,7 +103,12 @@ class VLLMRollout:
         params = [SamplingParams(temperature=float(t), top_p=top_p, max_tokens=max_new_tokens, seed=s,
                                  stop_token_ids=eos_ids, skip_special_tokens=False)
                   for t, s in zip(temperature.tolist(), seeds)]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.ids) for p in prompts], params, use_tqdm=False)
+        self.wake_up()
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.ids) for p in prompts], params,
+                                        use_tqdm=False)
+        finally:
+            self.sleep()  # the embed pass, the update and AdamW get the engine's share of the GPU
         responses = [list(o.outputs[0].token_ids) for o in outputs]
         width = max(len(r) for r in responses)
         response = torch.full((len(prompts), width), pad_id, dtype=torch.long)

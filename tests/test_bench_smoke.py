@@ -88,8 +88,12 @@ def test_real_model_trains_with_the_smollm2_preset(tmp_path):
     for name, value in PRESETS["smollm2-135m"].items():
         if name != "eval_size":  # the table's runs skip the trainer's own eval: the bench evaluates
             assert getattr(cfg, name) == value, name
-    args = real_model.parse_args(["--supervised", "a/checkpoint-final", "--unsupervised", "b/checkpoint-final"])
-    assert args.supervised == "a/checkpoint-final" and args.out.endswith("real_model_cpu.json")
+    for run in ("a", "b"):  # given checkpoints are checked before anything runs (tests/test_user_errors.py)
+        (tmp_path / run / "checkpoint-final").mkdir(parents=True)
+        (tmp_path / run / "checkpoint-final" / "config.json").write_text("{}")
+    a, b = (str(tmp_path / run / "checkpoint-final") for run in ("a", "b"))
+    args = real_model.parse_args(["--supervised", a, "--unsupervised", b])
+    assert args.supervised == a and args.out.endswith("real_model_cpu.json")
     assert args.data == "everyday" and args.modes == ["supervised", "unsupervised"]
     args = real_model.parse_args(["--data", "realtext", "--modes", "supervised"])
     assert args.modes == ["supervised"] and args.out.endswith("real_model_realtext_cpu.json")

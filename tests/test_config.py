@@ -184,7 +184,7 @@ def test_help_shows_the_defaults_of_the_chosen_model_and_recipe(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 80, from the qwen2.5-3b preset)" in out  # --rollout-rows
     assert "(default: contrastive; GRACE: grace)" in out
-    assert "--recipe grace (the paper)" in out and "qwen3-4b --rollout-rows 32" in out
+    assert "--recipe grace (the paper)" in out and "qwen3-4b --rollout-rows 20" in out
     with pytest.raises(SystemExit):
         parse_args(["--recipe", "grace", "--help"])
     out = " ".join(capsys.readouterr().out.split())

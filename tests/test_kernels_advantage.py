@@ -138,9 +138,37 @@ def test_property_triton_matches_reference(monkeypatch, P, G, scale_std, shift, 
     torch.testing.assert_close(shifted, centered, atol=1e-6 * (1 + abs(shift)), rtol=0)
 
 
+def test_stats_over_several_programs(monkeypatch):
+    # past one tile (MAX_TILE rewards) the programs add their stats atomically into a zeroed buffer
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    monkeypatch.setattr(group_advantage_module, "MAX_TILE", 16)  # groups of 4 -> 4 groups per program
+    rewards = torch.randn(40, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    rewards[8:12] = 2.0  # one all-equal group
+    rewards[21] = float("nan")
+    adv, stats = group_advantage(rewards, 4, return_stats=True)
+    ref, ref_stats = group_advantage_reference(rewards, 4, return_stats=True)
+    torch.testing.assert_close(adv, ref, equal_nan=True)
+    assert stats.tolist() == ref_stats.tolist() == [1, 1]
+
+
+def test_one_launch_no_host_sync(monkeypatch):
+    # GRACE sizes: one program, the stats stored directly (torch.empty: no memset launch); nothing read back
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    launches = []
+    real_kernel = group_advantage_module._group_advantage_kernel
+    spy = type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or real_kernel[grid]})
+    monkeypatch.setattr(group_advantage_module, "_group_advantage_kernel", spy())
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: pytest.fail("a memset launch"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host sync"))
+    adv, stats = group_advantage(torch.randn(512, device=DEVICE), 8, return_stats=True)
+    assert launches == [(1,)] and adv.shape == (512,) and stats.shape == (2,)
+
+
 def test_triton_kernel_compiles_for_gpu():
-    # GRACE: N = 512 rewards in groups of 8 -> one program of [64, 8]; with and without stats, std
+    # GRACE: N = 512 rewards in groups of 8 -> one program of [64, 8]; with and without stats, std; and the
+    # atomic path of several programs
     builds = [("minigrace.kernels.group_advantage", "_group_advantage_kernel",
                dict(rewards_ptr="*fp32", adv_ptr="*fp32", stats_ptr="*i32" if stats else None, P=64, G=8, stride_r=1,
-                    eps=1e-6, SCALE_STD=stats, BLOCK_P=64, BLOCK_G=8), {}, f"stats={stats}") for stats in (False, True)]
+                    eps=1e-6, SCALE_STD=stats, BLOCK_P=64, BLOCK_G=8, ONE_PROGRAM=one), {}, f"stats={stats} one={one}")
+              for stats, one in ((False, True), (True, True), (True, False))]
     assert_no_spills(compile_for_sm90(builds))

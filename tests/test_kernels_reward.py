@@ -1,5 +1,6 @@
 """grace_reward: hand-computed components, and Triton (interpreter) vs the torch reference."""
 import math
+import re
 
 import pytest
 from kernel_compile import DEVICE, assert_no_spills, compile_for_sm90, spy_guard
@@ -120,15 +121,46 @@ def test_triton_matches_reference(monkeypatch, P, G, H, mode):
         assert parts["cross_group"].abs().max() > 1e-3 and parts["discriminative"].abs().max() > 1e-3
 
 
-def test_blocks_of_32_rollouts(monkeypatch):
-    # past LARGE_N rollouts a program takes 32 rows (row blocks then split groups of 5 and hold 2 of 16)
+def test_wide_column_blocks(monkeypatch):
+    # past FILL_PROGRAMS a program takes 64 query columns: ragged column and row blocks, both query layouts
     monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
-    monkeypatch.setattr(cosine_reward, "LARGE_N", 0)
-    assert cosine_reward._reward_blocks(40, 5, torch.float32)["BLOCK_M"] == 32
-    for P, G, H in [(8, 5, 7), (3, 16, 20)]:
+    monkeypatch.setattr(cosine_reward, "FILL_PROGRAMS", 0)
+    assert cosine_reward._reward_blocks(8, 5, 40, torch.float32)["BLOCK_C"] == 64
+    for P, G, H in [(8, 5, 7), (3, 16, 20), (70, 1, 3)]:
         docs, queries, negatives = random_embeddings(P, G, H, query_rows="rollout", seed=G)
         for mode in ("supervised", "unsupervised"):
             assert_matches_reference(docs, queries, negatives, G, mode)
+
+
+def test_launch_sizes_at_grace_shapes():
+    # P = 64, G = 8: 2 groups x 16 query columns per program -> a 32 x 4 grid (128 programs on 132 SMs)
+    blocks = cosine_reward._reward_blocks(64, 8, 64, torch.float32)
+    assert (blocks["BLOCK_M"], blocks["BLOCK_C"], blocks["num_warps"]) == (16, 16, 4)
+    assert cosine_reward._reward_grid(64, 64, blocks) == (32, 4)
+    # G = 1: 16 groups of one row per program; G = 128: one group, 8 warps
+    assert cosine_reward._reward_blocks(64, 1, 64, torch.float32)["GROUPS_M"] == 16
+    assert cosine_reward._reward_blocks(2, 128, 2, torch.float32)["num_warps"] == 8
+
+
+@pytest.mark.parametrize("P,G,H,query_rows", [(17, 1, 5, "group"), (5, 3, 70, "rollout"), (6, 7, 33, "group")])
+def test_ragged_blocks(monkeypatch, P, G, H, query_rows):
+    # row blocks past the last group (P = 17 groups of one, 16 per program), padded group slots (G = 3, 7),
+    # query columns over several column blocks (P = 17 > 16; 15 rollout queries), H not a multiple of BLOCK_K
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    docs, queries, negatives = random_embeddings(P, G, H, query_rows=query_rows, seed=P + G)
+    for mode in ("supervised", "unsupervised"):
+        for neg in (negatives, None):
+            assert_matches_reference(docs, queries, neg, G, mode)
+
+
+def test_two_launches_leave_no_partial_unwritten(monkeypatch):
+    # the workspace is torch.empty: poison it, and every output must still match (each entry written before read)
+    monkeypatch.setenv("MINIGRACE_KERNELS", "triton")
+    real_empty = torch.empty
+    monkeypatch.setattr(cosine_reward.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    docs, queries, negatives = random_embeddings(5, 4, 9, query_rows="rollout", seed=3)
+    for mode in ("supervised", "unsupervised"):
+        assert_matches_reference(docs, queries, negatives, 4, mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -180,23 +212,62 @@ def test_property_triton_matches_reference_and_scale_invariance(monkeypatch, P, 
     assert (parts["discriminative"] <= 1e-6).all()  # a log-probability
 
 
+def reward_builds(P, G, H, dtype, supervised, per_rollout, precision="tf32x3"):
+    """kernel_compile builds of both reward kernels at one shape, with the launcher's sizes and warps."""
+    ptr = "*fp32" if dtype == torch.float32 else "*bf16"
+    N = P * G
+    NQ = N if per_rollout else P
+    blocks = cosine_reward._reward_blocks(P, G, NQ, dtype)
+    warps = dict(num_warps=blocks.pop("num_warps"))
+    label = f"P={P} G={G} H={H} {ptr[1:]}" + (" per-rollout" if per_rollout else "")
+    tile = dict(doc_ptr=ptr, query_ptr=ptr, neg_ptr=ptr if supervised else None, out_ptr="*fp32",
+                row_stats_ptr="*fp32", own_ptr="*fp32", group_max_ptr="*fp32", N=N, P=P, G=G, NQ=NQ, H=H,
+                inv_tau=10.0, **blocks, QUERY_PER_ROLLOUT=per_rollout, HAS_NEG=supervised, SUPERVISED=supervised,
+                DOT_FP32=dtype == torch.float32, PRECISION=precision)
+    finish_blocks = dict(cosine_reward.FINISH_BLOCKS)
+    finish_warps = dict(num_warps=finish_blocks.pop("num_warps"))
+    finish = dict(out_ptr="*fp32", row_stats_ptr="*fp32", own_ptr="*fp32", group_max_ptr="*fp32", N=N, P=P, G=G,
+                  NQ=NQ, CB=cosine_reward._reward_grid(P, NQ, {**blocks, **warps})[1], inv_tau=10.0, w_pos=1.0,
+                  w_neg=1.0, w_cons=0.2, w_cross=0.2, w_disc=0.1, **finish_blocks, QUERY_PER_ROLLOUT=per_rollout,
+                  SUPERVISED=supervised)
+    module = "minigrace.kernels.cosine_reward"
+    return [(module, "_reward_tile_kernel", tile, warps, label), (module, "_reward_finish_kernel", finish,
+                                                                   finish_warps, label)]
+
+
 def test_triton_kernel_compiles_for_gpu():
     # GRACE's P = 64 groups; G up to MAX_GROUP and H up to 4096, fp32 (what the trainer passes) and bf16 inputs,
-    # with the launcher's tile sizes and warps: no spills, and the similarities on tensor cores (mma)
+    # one query per group or per rollout, odd H (no vector loads): no spills, the cosines on tensor cores (mma)
     builds = []
     for G, H, dtype, supervised, per_rollout in [(8, 1536, torch.float32, True, False),
                                                  (8, 1536, torch.bfloat16, True, False),
                                                  (64, 4096, torch.float32, True, True),
                                                  (64, 4096, torch.bfloat16, False, False),
-                                                 (3, 1537, torch.float32, True, True),  # odd H: no vector loads
+                                                 (3, 1537, torch.float32, True, True),
+                                                 (1, 1536, torch.float32, False, False),
                                                  (128, 1536, torch.float32, True, False)]:  # MAX_GROUP
-        ptr = "*fp32" if dtype == torch.float32 else "*bf16"
-        args = dict(doc_ptr=ptr, query_ptr=ptr, neg_ptr=ptr if supervised else None, out_ptr="*fp32", N=64 * G, P=64,
-                    G=G, H=H, inv_tau=10.0, w_pos=1.0, w_neg=1.0, w_cons=0.2, w_cross=0.2, w_disc=0.1,
-                    **cosine_reward._reward_blocks(64 * G, G, dtype), QUERY_PER_ROLLOUT=per_rollout,
-                    HAS_NEG=supervised, SUPERVISED=supervised, DOT_FP32=dtype == torch.float32, PRECISION="tf32x3")
-        builds.append(("minigrace.kernels.cosine_reward", "_grace_reward_kernel", args, {}, f"G={G} H={H} {ptr}"))
+        builds += reward_builds(64, G, H, dtype, supervised, per_rollout)
     results = compile_for_sm90(builds)
     assert_no_spills(results)
     for r in results:
-        assert "mma.sync" in r["ptx"] or "wgmma" in r["ptx"], r["label"]
+        if r["kernel"] == "_reward_tile_kernel":
+            assert "mma.sync" in r["ptx"] or "wgmma" in r["ptx"], r["label"]
+    # the GRACE shape (fp32, 3xTF32): the redesign's figures, within a margin (see the module's _reward_blocks)
+    grace = next(r for r in results if r["kernel"] == "_reward_tile_kernel" and r["label"] == "P=64 G=8 H=1536 fp32")
+    assert grace["regs"] <= 168 and grace["shared_bytes"] <= 16384, grace
+    assert 0 < k_step_instructions(grace["ptx"]) <= 300
+
+
+def k_step_instructions(ptx):
+    """PTX instructions of the longest loop body (the K loop): from a label to the branch back to it."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    labels, longest = {}, 0
+    for i, line in enumerate(lines):
+        label = re.match(r"(\$\w+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"bra(?:\.uni)?\s+(\$\w+);", line)
+        if branch and branch.group(1) in labels:
+            body = lines[labels[branch.group(1)] + 1:i + 1]
+            longest = max(longest, sum(1 for x in body if x and not x.startswith(("$", "//", ".", "{", "}"))))
+    return longest

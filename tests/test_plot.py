@@ -67,7 +67,7 @@ def test_several_runs_overlaid_from_the_command_line(run_dir, tmp_path, capsys):
     assert sum(n for n, c in image.getcolors(maxcolors=1 << 20) if c == second) > 1000
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
-    assert "holds no metrics.jsonl" in capsys.readouterr().err
+    assert "missing does not exist: pass run directories" in capsys.readouterr().err
 
 
 def test_without_matplotlib_a_run_notes_it_in_one_line(run_dir, tmp_path):

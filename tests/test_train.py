@@ -72,15 +72,27 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny, tmp_path):
 
 
 def test_default_run_learns(tiny, tmp_path):
-    """`python train.py` as shipped (tiny preset, seed 0): reward and held-out retrieval both go up,
-    greedy rationales switch from the side topic to the text's true topic, and on the built-in mteb
-    retrieval task the trained model beats the base model with its rationales and matches plain mean
-    pooling (on the built-in data the best rationale adds nothing the text lacks: with every
-    rationale forced to the true topic, held-out nDCG@10 is 0.248, without rationale 0.242)."""
+    """`python train.py` as shipped (tiny preset, seed 0, + the built-in mteb retrieval task): reward and held-out
+    retrieval go up, greedy rationales switch from the side topic to the text's true topic, and on the mteb task
+    the trained model beats the base model with its rationales and matches plain mean pooling (on the built-in
+    data the best rationale adds nothing the text lacks).
+
+    The run differs by CPU in the last bits, and sampling amplifies that, so each margin comes from
+    `python bench/default_run_spread.py` (seeds 0-2 under AVX-512 and under the baseline instruction set, 6 runs,
+    bench/results/default_run_spread_cpu.json): it is at most half the smallest gain measured there, and far
+    above what an untrained or broken trainer gives (0). `.ci/run` runs this test under the baseline ISA too.
+
+        measured gain, after - before [min, max]     margin here
+        mean reward (first 10 -> last 10)  [0.190, 0.278]   0.1
+        held-out nDCG@10                   [0.119, 0.141]   0.05
+        true-topic greedy rationales       [0.575, 0.600]   0.3
+        mteb nDCG@10                       [0.261, 0.295]   0.1
+        mteb nDCG@10 - plain mean pooling  [0.002, 0.037]   > -0.03 (plain pooling: 0.432 on both ISAs)
+    """
     from minigrace.encode import Encoder
     from minigrace.eval import MtebEncoder, builtin_tasks, run_tasks
 
-    cfg, _ = parse_args(["--out", str(tmp_path / "run"), "--eval-size", "100", "--eval-tasks", "MiniGraceRetrieval"])
+    cfg, _ = parse_args(["--out", str(tmp_path / "run"), "--eval-tasks", "MiniGraceRetrieval"])
     summary = main(cfg)
     before, after = summary["eval_before"], summary["eval_after"]
     assert summary["reward_last10"] > summary["reward_first10"] + 0.1, summary
@@ -88,11 +100,11 @@ def test_default_run_learns(tiny, tmp_path):
     assert after["eval_rationale_topic_acc"] > before["eval_rationale_topic_acc"] + 0.3, summary
     # mteb's score (nDCG@10) from --eval-tasks: before = the base model with its untrained rationales
     task = "eval_mteb_MiniGraceRetrieval"
-    assert after[task] > before[task] + 0.05, summary
+    assert after[task] > before[task] + 0.1, summary
     base_without_rationale = run_tasks(MtebEncoder(Encoder(tiny, max_new_tokens=cfg.max_new_tokens), rationale="none"),
                                        [t for t in builtin_tasks() if t.metadata.name == "MiniGraceRetrieval"],
                                        None, progress=False)[0]["MiniGraceRetrieval"]
-    assert after[task] > base_without_rationale - 0.02, (summary, base_without_rationale)
+    assert after[task] > base_without_rationale - 0.03, (summary, base_without_rationale)
 
 
 TIMING_KEYS = {"tokens_per_s", "rollout_time_s", "step_time_s"}

@@ -11,14 +11,11 @@ embedding, n_g the group's negative. All cosines in fp32, cos(a, b) = a.b / (max
   discriminative_i = log_softmax_{g'}(cos(d_i, qrep_g') / tau)[g]
   total_i = (w_pos pos + w_neg neg + w_cons cons + w_cross cross) / tau + w_disc disc
 
-Triton path: one launch, one program per block of BLOCK_M rollouts. A program streams tiles of
-documents / queries and gets the cosines from tensor-core dot products (tl.dot, fp32 accumulation; fp32
-inputs use 3xTF32, as accurate as fp32), with the norms from the same tiles:
-  1. row terms     q_i.d_i, |q_i|, |d_i|, qrep_g.n_g        -> positive, negative
-  2. own groups    D_blk D_own^T                            -> consistency (a tile or two)
-  3. all queries   D_blk Qrep^T, online log-sum-exp          -> discriminative (+ unsupervised cross_group)
-  4. all documents Q_blk D^T, max over each group's columns  -> supervised cross_group
-Every sum is finished in registers at the end: no [N, N] matrix in global memory, no atomics.
+Triton path: two launches, no host sync, no atomics (see "Triton kernels" below). The cosines with the
+queries are one product C = D Q^T [N, NQ] (NQ = P query rows, or N), tiled over a 2-D grid of (whole groups,
+query columns): each query is met once per group, not once per rollout. The in-group doc-doc cosines come from
+each program's D_blk D_blk^T, whose diagonal also gives the document norms; the query norms are summed over K
+once, after the K loop. A second, small kernel combines the column blocks' partial sums per rollout.
 """
 from dataclasses import dataclass
 
@@ -118,150 +115,213 @@ def grace_reward_reference(doc_emb, query_emb, neg_emb, group_size, tau, weights
     return _total(parts, weights, tau), parts
 
 
-# ----------------------------------------------------------------------------- Triton kernel
-@jit
-def _row_dots(x_ptr, x_rows, y_ptr, y_rows, ok, H, BLOCK_K: tl.constexpr):
-    """Row by row: (x.y, |x|^2, |y|^2), each [BLOCK_M], of rows x_rows of X [*, H] and y_rows of Y [*, H]."""
-    x_base = x_ptr + x_rows.to(tl.int64)[:, None] * H  # [BLOCK_M, 1]
-    y_base = y_ptr + y_rows.to(tl.int64)[:, None] * H
-    xy = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)  # summed over K once, after the loop
-    xx = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)
-    yy = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        tile_ok = ok[:, None] & (k < H)[None, :]
-        x = tl.load(x_base + k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        y = tl.load(y_base + k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        xy += x * y
-        xx += x * x
-        yy += y * y
-    return tl.sum(xy, axis=1), tl.sum(xx, axis=1), tl.sum(yy, axis=1)
-
-
-@jit
-def _dot_tile(a_ptr, a_rows, a_ok, b_ptr, b_rows, b_ok, H,
-              BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """A[a_rows] B[b_rows]^T [BLOCK_A, BLOCK_B] (fp32 accumulation) and _inv_norm(|B[b_rows]|^2) [BLOCK_B]."""
-    a_base = a_ptr + a_rows.to(tl.int64)[:, None] * H  # [BLOCK_A, 1]
-    b_base = b_ptr + b_rows.to(tl.int64)[:, None] * H  # [BLOCK_B, 1]
-    dots = tl.zeros([a_rows.shape[0], b_rows.shape[0]], dtype=tl.float32)
-    sq_b = tl.zeros([b_rows.shape[0]], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + k[None, :], mask=a_ok[:, None] & (k < H)[None, :], other=0.0)  # [BLOCK_A, BLOCK_K]
-        b = tl.load(b_base + k[None, :], mask=b_ok[:, None] & (k < H)[None, :], other=0.0)  # [BLOCK_B, BLOCK_K]
-        if DOT_FP32:  # fp32 inputs (and the interpreter, whose bf16 dot is wrong); bf16/fp16 go to the MMA as is
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        dots = tl.dot(a, tl.trans(b), dots, input_precision=PRECISION)
-        b32 = b.to(tl.float32)
-        sq_b += tl.sum(b32 * b32, axis=1)
-    return dots, _inv_norm(sq_b)
-
-
+# ----------------------------------------------------------------------------- Triton kernels
+# Every cosine the formulas need, except the in-group doc-doc ones, is an entry of one product
+#   C = D Q^T   [N, NQ],   C[i, c] = cos(d_i, q_c),   Q = query_emb (NQ = P rows, or N: one query per rollout)
+# positive_i = C[i, query(i)], the logits of discriminative are C[i, rep(g')] / tau (rep(g') = the query row of
+# group g'), and supervised cross_group needs, for each query column c, the max of C[j, c] over the rows j of
+# every other group. With one query per group that product is [N, P]: each query is seen once per group, not
+# once per rollout. The consistency cosines are the off-diagonal in-group entries of D_blk D_blk^T, whose
+# diagonal gives |d_i|^2: no separate norm pass over the documents.
+#
+# 1. _reward_tile_kernel, grid (row blocks, column blocks): a program takes GROUPS_M whole groups (each padded
+#    to BLOCK_G row slots) against BLOCK_C query columns, streams H once, and writes the partial sums of its tile.
+# 2. _reward_finish_kernel, grid (N / BLOCK_R,): combines the column blocks' partials per rollout (log-sum-exp,
+#    sums over groups) and writes total, cross_group and discriminative. Two launches, no host sync, no atomics:
+#    the result is deterministic.
 @jit
 def _inv_norm(sq):
     return 1.0 / tl.maximum(tl.sqrt(sq), 1e-8)  # 1e-8 = COS_EPS: cos(a, b) = a.b / (max(|a|, eps) max(|b|, eps))
 
 
 @jit
-def _grace_reward_kernel(
-    doc_ptr, query_ptr, neg_ptr, out_ptr,  # [N, H], [N or P, H], [P, H] or None, [6, N] fp32 (total + 5 parts)
-    N, P, G, H, inv_tau,
-    w_pos, w_neg, w_cons, w_cross, w_disc,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, GROUPS: tl.constexpr,
-    QUERY_PER_ROLLOUT: tl.constexpr, HAS_NEG: tl.constexpr, SUPERVISED: tl.constexpr,
+def _reward_tile_kernel(
+    doc_ptr, query_ptr, neg_ptr,  # [N, H], [NQ, H], [P, H] or None: one dtype
+    out_ptr,  # [6, N] fp32: this kernel writes row 1 (positive), 2 (negative), 3 (consistency)
+    row_stats_ptr,  # [3, CB, N] fp32 (CB column blocks): logit max, sum of exp(logit - max), other-group cos sum
+    own_ptr,  # [N] fp32: cos(d_i, q_rep(g)), g the own group
+    group_max_ptr,  # [P, NQ] fp32: max over the rows j of group g' of cos(d_j, q_c)   (supervised)
+    N, P, G, NQ, H, inv_tau,
+    BLOCK_G: tl.constexpr, GROUPS_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, QUERY_PER_ROLLOUT: tl.constexpr, HAS_NEG: tl.constexpr, SUPERVISED: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    first = tl.program_id(0) * BLOCK_M
-    rows = first + tl.arange(0, BLOCK_M)  # [BLOCK_M] this program's rollouts
-    row_ok = rows < N
-    group = rows // G  # [BLOCK_M]
-    q_rows = rows if QUERY_PER_ROLLOUT else group  # query of each rollout
-    inf = float("inf")
+    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
+    # rows: GROUPS_M groups, BLOCK_G slots each (slots past G are padding, masked)
+    slot = tl.arange(0, BLOCK_M)
+    group = pid_m * GROUPS_M + slot // BLOCK_G  # [BLOCK_M]
+    row_ok = (slot % BLOCK_G < G) & (group < P)
+    rows = group * G + slot % BLOCK_G  # [BLOCK_M] rollout index
+    # columns: BLOCK_C query rows
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    col_ok = cols < NQ
+    if QUERY_PER_ROLLOUT:  # query row c belongs to group c // G and represents it when c % G == 0
+        col_group, col_is_rep = cols // G, col_ok & (cols % G == 0)
+        my_query, my_rep = rows, group * G
+    else:
+        col_group, col_is_rep = cols, col_ok
+        my_query, my_rep = group, group
 
-    # 1. row terms: positive = cos(q_i, d_i), negative = -cos(qrep_g, n_g)
-    qd, sq_q, sq_d = _row_dots(query_ptr, q_rows, doc_ptr, rows, row_ok, H, BLOCK_K)
-    inv_q = _inv_norm(sq_q)
-    inv_d = _inv_norm(sq_d)
-    positive = qd * inv_q * inv_d
-    negative = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_NEG:
-        qrep_row = group * G if QUERY_PER_ROLLOUT else group  # qrep_g = the query of the group's first rollout
-        qn, sq_qr, sq_n = _row_dots(query_ptr, qrep_row, neg_ptr, group, row_ok, H, BLOCK_K)
-        negative = -qn * _inv_norm(sq_qr) * _inv_norm(sq_n)
+    # The K loop: per step, a [BLOCK_M, BLOCK_K] tile of documents and a [BLOCK_C, BLOCK_K] tile of queries,
+    # each read once from global memory (L2 after the first program) and fed to the tensor cores twice (C, Gram).
+    # The only CUDA-core work is the queries' squares, summed over K once after the loop.
+    doc_rows = doc_ptr + rows.to(tl.int64)[:, None] * H  # [BLOCK_M, 1] row starts
+    query_rows = query_ptr + cols.to(tl.int64)[:, None] * H  # [BLOCK_C, 1]
+    dots = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # d_i . q_c
+    gram = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)  # d_i . d_j
+    sq_query = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # |q_c|^2, before the sum over K
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        d = tl.load(doc_rows + k[None, :], mask=row_ok[:, None] & (k < H)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        q = tl.load(query_rows + k[None, :], mask=col_ok[:, None] & (k < H)[None, :], other=0.0)  # [BLOCK_C, BLOCK_K]
+        if DOT_FP32:  # fp32 inputs (and the interpreter, whose bf16 dot is wrong); bf16/fp16 go to the MMA as is
+            d = d.to(tl.float32)
+            q = q.to(tl.float32)
+        dots = tl.dot(d, tl.trans(q), dots, input_precision=PRECISION)
+        gram = tl.dot(d, tl.trans(d), gram, input_precision=PRECISION)
+        q32 = q.to(tl.float32)
+        sq_query += q32 * q32
 
-    # 2. consistency: cosines with the other members of the own group, columns [own_lo, own_hi)
-    own_lo = (first // G) * G
-    own_hi = tl.minimum((tl.minimum(first + BLOCK_M, N) - 1) // G * G + G, N)
-    cons_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(own_lo, own_hi, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        dd, inv_dj = _dot_tile(doc_ptr, rows, row_ok, doc_ptr, cols, cols < own_hi, H, BLOCK_K, DOT_FP32, PRECISION)
-        mate = (cols[None, :] // G == group[:, None]) & (cols[None, :] != rows[:, None]) & (cols < own_hi)[None, :]
-        cons_sum += tl.sum(tl.where(mate, dd * inv_d[:, None] * inv_dj[None, :], 0.0), axis=1)
-    consistency = cons_sum / tl.maximum(G - 1, 1)  # 0 when G == 1
+    same_slot = slot[:, None] == slot[None, :]  # [BLOCK_M, BLOCK_M]
+    inv_d = _inv_norm(tl.sum(tl.where(same_slot, gram, 0.0), axis=1))  # [BLOCK_M] from the Gram diagonal
+    inv_q = _inv_norm(tl.sum(sq_query, axis=1))  # [BLOCK_C]
+    cos = dots * inv_d[:, None] * inv_q[None, :]  # [BLOCK_M, BLOCK_C] cos(d_i, q_c)
 
-    # 3. cos(d_i, qrep_g') for all groups g': online log-sum-exp of the logits cos / tau
-    logit_max = tl.full([BLOCK_M], -inf, dtype=tl.float32)
-    exp_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    cos_own = tl.zeros([BLOCK_M], dtype=tl.float32)  # cos(d_i, qrep_g), g the own group
-    cross_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_N):
-        groups = p0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        g_ok = groups < P
-        qrep_rows = groups * G if QUERY_PER_ROLLOUT else groups
-        dq, inv_qr = _dot_tile(doc_ptr, rows, row_ok, query_ptr, qrep_rows, g_ok, H, BLOCK_K, DOT_FP32, PRECISION)
-        cos = dq * inv_d[:, None] * inv_qr[None, :]  # [BLOCK_M, BLOCK_N]
-        logit = tl.where(g_ok[None, :], cos * inv_tau, -inf)
-        new_max = tl.maximum(logit_max, tl.max(logit, axis=1))
-        exp_sum = exp_sum * tl.exp(logit_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
+    # positive and the own-group cosine: the one column block holding the row's column stores it
+    col_lo = pid_c * BLOCK_C
+    positive = tl.sum(tl.where(cols[None, :] == my_query[:, None], cos, 0.0), axis=1)
+    here = row_ok & (my_query >= col_lo) & (my_query < col_lo + BLOCK_C)
+    tl.store(out_ptr + N + rows, positive, mask=here)
+    own = tl.sum(tl.where(cols[None, :] == my_rep[:, None], cos, 0.0), axis=1)
+    here = row_ok & (my_rep >= col_lo) & (my_rep < col_lo + BLOCK_C)
+    tl.store(own_ptr + rows, own, mask=here)
+
+    # discriminative: this block's share of the log-sum-exp over the groups' logits cos(d_i, q_rep(g')) / tau
+    logit = tl.where(col_is_rep[None, :], cos * inv_tau, -float("inf"))
+    logit_max = tl.max(logit, axis=1)  # [BLOCK_M], -inf when the block holds no representative
+    exp_sum = tl.sum(tl.exp(logit - tl.where(logit_max == -float("inf"), 0.0, logit_max)[:, None]), axis=1)
+    CB = tl.num_programs(1)
+    stats = row_stats_ptr + pid_c * N + rows  # [BLOCK_M] pointers into [3, CB, N]
+    tl.store(stats, logit_max, mask=row_ok)
+    tl.store(stats + CB * N, exp_sum, mask=row_ok)
+    if SUPERVISED:  # max_{j in g'} cos(q_c, d_j) for this block's groups g' and columns c -> group_max[g', c]
+        cos_rows = tl.where(row_ok[:, None], cos, -float("inf"))
+        best = tl.max(tl.reshape(cos_rows, [GROUPS_M, BLOCK_G, BLOCK_C]), axis=1)  # [GROUPS_M, BLOCK_C]
+        block_groups = pid_m * GROUPS_M + tl.arange(0, GROUPS_M)
+        tl.store(group_max_ptr + block_groups[:, None] * NQ + cols[None, :], best,
+                 mask=(block_groups < P)[:, None] & col_ok[None, :])
+    else:  # unsupervised cross_group: sum of cos(d_i, q_rep(g')) over the other groups g' in this block
+        other = col_is_rep[None, :] & (col_group[None, :] != group[:, None])
+        tl.store(stats + 2 * CB * N, tl.sum(tl.where(other, cos, 0.0), axis=1), mask=row_ok)
+
+    if pid_c == 0:  # the per-row terms that need no query column: one column block writes them
+        mate = (group[:, None] == group[None, :]) & ~same_slot & row_ok[None, :]
+        cos_mates = tl.where(mate, gram * inv_d[:, None] * inv_d[None, :], 0.0)  # [BLOCK_M, BLOCK_M]
+        consistency = tl.sum(cos_mates, axis=1) / tl.maximum(G - 1, 1)  # 0 when G == 1
+        tl.store(out_ptr + 3 * N + rows, consistency, mask=row_ok)
+        # negative = -cos(q_rep(g), n_g): a row dot per group, GROUPS_M rows of queries and negatives
+        block_groups = pid_m * GROUPS_M + tl.arange(0, GROUPS_M)
+        negative = tl.zeros([GROUPS_M], dtype=tl.float32)
+        if HAS_NEG:
+            groups_ok = block_groups < P
+            rep_rows = block_groups * G if QUERY_PER_ROLLOUT else block_groups
+            rep_start = query_ptr + rep_rows.to(tl.int64)[:, None] * H  # [GROUPS_M, 1]
+            neg_start = neg_ptr + block_groups.to(tl.int64)[:, None] * H
+            qn = tl.zeros([GROUPS_M, BLOCK_K], dtype=tl.float32)  # summed over K after the loop
+            qq = tl.zeros([GROUPS_M, BLOCK_K], dtype=tl.float32)
+            nn = tl.zeros([GROUPS_M, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                ok = groups_ok[:, None] & (k < H)[None, :]
+                qr = tl.load(rep_start + k[None, :], mask=ok, other=0.0).to(tl.float32)  # [GROUPS_M, BLOCK_K]
+                ng = tl.load(neg_start + k[None, :], mask=ok, other=0.0).to(tl.float32)
+                qn += qr * ng
+                qq += qr * qr
+                nn += ng * ng
+            negative = -tl.sum(qn, axis=1) * _inv_norm(tl.sum(qq, axis=1)) * _inv_norm(tl.sum(nn, axis=1))
+        members = tl.arange(0, BLOCK_G)
+        neg_rows = block_groups[:, None] * G + members[None, :]  # [GROUPS_M, BLOCK_G]
+        tl.store(out_ptr + 2 * N + neg_rows, tl.broadcast_to(negative[:, None], [GROUPS_M, BLOCK_G]),
+                 mask=(block_groups < P)[:, None] & (members < G)[None, :])
+
+
+@jit
+def _reward_finish_kernel(
+    out_ptr, row_stats_ptr, own_ptr, group_max_ptr,  # as in _reward_tile_kernel
+    N, P, G, NQ, CB, inv_tau,
+    w_pos, w_neg, w_cons, w_cross, w_disc,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, QUERY_PER_ROLLOUT: tl.constexpr, SUPERVISED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    ok = rows < N
+    group = rows // G
+
+    # log-sum-exp over the column blocks: block 0 always holds a representative (column 0), so its max is finite
+    logit_max = tl.load(row_stats_ptr + rows, mask=ok, other=0.0)
+    exp_sum = tl.load(row_stats_ptr + CB * N + rows, mask=ok, other=1.0)
+    cross_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if not SUPERVISED:
+        cross_sum = tl.load(row_stats_ptr + 2 * CB * N + rows, mask=ok, other=0.0)
+    for b in range(1, CB):
+        block_max = tl.load(row_stats_ptr + b * N + rows, mask=ok, other=-float("inf"))
+        block_sum = tl.load(row_stats_ptr + (CB + b) * N + rows, mask=ok, other=0.0)
+        new_max = tl.maximum(logit_max, block_max)
+        exp_sum = exp_sum * tl.exp(logit_max - new_max) + block_sum * tl.exp(block_max - new_max)
         logit_max = new_max
-        own = groups[None, :] == group[:, None]
-        cos_own += tl.sum(tl.where(own, cos, 0.0), axis=1)
         if not SUPERVISED:
-            cross_sum += tl.sum(tl.where(g_ok[None, :] & ~own, cos, 0.0), axis=1)
-    discriminative = cos_own * inv_tau - (logit_max + tl.log(exp_sum))  # exactly 0 when P == 1
+            cross_sum += tl.load(row_stats_ptr + (2 * CB + b) * N + rows, mask=ok, other=0.0)
+    own = tl.load(own_ptr + rows, mask=ok, other=0.0)
+    discriminative = own * inv_tau - (logit_max + tl.log(exp_sum))  # exactly 0 when P == 1
 
-    # 4. supervised: max_{j in g'} cos(q_i, d_j). A tile holds GROUPS whole groups, each padded to BLOCK_G columns.
-    if SUPERVISED:
-        slot = tl.arange(0, GROUPS * BLOCK_G)
-        member = slot % BLOCK_G
-        for p0 in range(0, P, GROUPS):
-            groups = p0 + slot // BLOCK_G
-            cols_ok = (member < G) & (groups < P)
-            qd_all, inv_dj = _dot_tile(query_ptr, q_rows, row_ok, doc_ptr, groups * G + member, cols_ok, H,
-                                       BLOCK_K, DOT_FP32, PRECISION)
-            cos = tl.where(cols_ok[None, :], qd_all * inv_q[:, None] * inv_dj[None, :], -inf)
-            best = tl.max(tl.reshape(cos, [BLOCK_M, GROUPS, BLOCK_G]), axis=2)  # [BLOCK_M, GROUPS]
-            tile_groups = p0 + tl.arange(0, GROUPS)
-            other = (tile_groups < P)[None, :] & (tile_groups[None, :] != group[:, None])
-            cross_sum += tl.sum(tl.where(other, best, 0.0), axis=1)
+    if SUPERVISED:  # sum over the other groups g' of group_max[g', query(i)]
+        my_query = rows if QUERY_PER_ROLLOUT else group
+        for p0 in range(0, P, BLOCK_P):
+            groups = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P]
+            other = ok[:, None] & (groups < P)[None, :] & (groups[None, :] != group[:, None])
+            best = tl.load(group_max_ptr + groups[None, :] * NQ + my_query[:, None], mask=other, other=0.0)
+            cross_sum += tl.sum(best, axis=1)
     cross_group = -cross_sum / tl.maximum(P - 1, 1)  # 0 when P == 1
 
+    positive = tl.load(out_ptr + N + rows, mask=ok, other=0.0)
+    negative = tl.load(out_ptr + 2 * N + rows, mask=ok, other=0.0)
+    consistency = tl.load(out_ptr + 3 * N + rows, mask=ok, other=0.0)
     total = (w_pos * positive + w_neg * negative + w_cons * consistency + w_cross * cross_group) * inv_tau \
         + w_disc * discriminative
-    tl.store(out_ptr + rows, total, mask=row_ok)
-    tl.store(out_ptr + N + rows, positive, mask=row_ok)
-    tl.store(out_ptr + 2 * N + rows, negative, mask=row_ok)
-    tl.store(out_ptr + 3 * N + rows, consistency, mask=row_ok)
-    tl.store(out_ptr + 4 * N + rows, cross_group, mask=row_ok)
-    tl.store(out_ptr + 5 * N + rows, discriminative, mask=row_ok)
+    tl.store(out_ptr + rows, total, mask=ok)
+    tl.store(out_ptr + 4 * N + rows, cross_group, mask=ok)
+    tl.store(out_ptr + 5 * N + rows, discriminative, mask=ok)
 
 
-MAX_GROUP = 128  # larger groups widen the supervised tile past the register file: the reference runs
-LARGE_N = 4096  # above it, 32 rollouts per program
+MAX_GROUP = 128  # a program holds whole groups (its Gram tile is [G, G]): larger groups take the reference
+FILL_PROGRAMS = 256  # about 2 programs per SM of an H100 (132 SMs): below it, narrow column blocks
+FP32_DOT_PRECISION = "tf32x3"  # fp32 inputs: 3xTF32, as accurate as fp32 (1xTF32 "tf32": 2.7x fewer instructions)
 
 
-def _reward_blocks(N, G, dtype):
-    """Launch sizes. BLOCK_M rollouts per program: 16 keeps more SMs busy at GRACE sizes (N = 512 -> 32
-    programs); 32 halves the L2 traffic (each program streams all N documents) once N is large.
-    Supervised tiles hold GROUPS groups of BLOCK_G = next_pow2(G) columns (>= BLOCK_N columns in all).
-    8 warps: fewer registers per thread (sm_90, fp32 3xTF32, G = 8: 156 instead of 178)."""
-    BLOCK_N, BLOCK_G = 64, next_pow2(G)
-    return dict(BLOCK_M=16 if N <= LARGE_N else 32, BLOCK_N=BLOCK_N, BLOCK_K=32 if dtype == torch.float32 else 64,
-                BLOCK_G=BLOCK_G, GROUPS=max(BLOCK_N // BLOCK_G, 1), num_warps=8)
+def _reward_blocks(P, G, NQ, dtype):
+    """Launch sizes of the tile kernel: GROUPS_M groups of BLOCK_G = next_pow2(G) row slots per program (at least
+    16 rows, the smallest tensor-core tile) against BLOCK_C query columns. 16 columns while that keeps the grid
+    under FILL_PROGRAMS (GRACE's P = 64, G = 8: 32 x 4 = 128 programs), else 64 (fewer re-reads of the documents).
+    Every warp of a 16-row tile runs the whole MMA (Triton splits warps along rows), so the per-warp work per
+    K step scales with BLOCK_C: 263 instructions at 16 columns, 368 at 32 (sm_90, fp32 3xTF32).
+    4 warps, 8 once the Gram tile is 64 x 64 or more."""
+    BLOCK_G = next_pow2(G)
+    GROUPS_M = max(16 // BLOCK_G, 1)
+    BLOCK_M = GROUPS_M * BLOCK_G
+    row_blocks = _cdiv(P, GROUPS_M)
+    BLOCK_C = 16 if row_blocks * _cdiv(NQ, 16) <= FILL_PROGRAMS else 64
+    return dict(BLOCK_G=BLOCK_G, GROUPS_M=GROUPS_M, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+                BLOCK_K=32 if dtype == torch.float32 else 64, num_warps=4 if BLOCK_M <= 32 else 8)
 
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _reward_grid(P, NQ, blocks):
+    return (_cdiv(P, blocks["GROUPS_M"]), _cdiv(NQ, blocks["BLOCK_C"]))
+
+
+FINISH_BLOCKS = dict(BLOCK_R=64, BLOCK_P=32, num_warps=4)
 
 
 def _grace_reward_triton(doc_emb, query_emb, neg_emb, P, G, tau, weights, mode):
@@ -271,17 +331,26 @@ def _grace_reward_triton(doc_emb, query_emb, neg_emb, P, G, tau, weights, mode):
     dtype = torch.promote_types(dtype, neg_emb.dtype) if has_neg else dtype
     doc, query = doc_emb.to(dtype).contiguous(), query_emb.to(dtype).contiguous()  # no-ops in the trainer
     neg = neg_emb.to(dtype).contiguous() if has_neg else None
-    out = torch.empty((6, N), device=doc.device, dtype=torch.float32)
-    blocks = _reward_blocks(N, G, doc.dtype)
-    w = weights
+    NQ = query.shape[0]
+    blocks = _reward_blocks(P, G, NQ, doc.dtype)
+    grid = _reward_grid(P, NQ, blocks)
+    CB = grid[1]
+    # one allocation: the outputs and every partial, each entry written once before it is read
+    buf = torch.empty(6 * N + 3 * CB * N + N + P * NQ, device=doc.device, dtype=torch.float32)
+    out = buf[:6 * N].view(6, N)
+    row_stats, own, group_max = buf[6 * N:].split([3 * CB * N, N, P * NQ])
     dot_fp32 = doc.dtype == torch.float32 or INTERPRET
+    supervised, per_rollout = mode == "supervised", NQ == N
+    w = weights
     with device_guard(doc):
-        _grace_reward_kernel[((N + blocks["BLOCK_M"] - 1) // blocks["BLOCK_M"],)](
-            doc, query, neg, out, N, P, G, H, 1.0 / tau,
+        _reward_tile_kernel[grid](
+            doc, query, neg, out, row_stats, own, group_max, N, P, G, NQ, H, 1.0 / tau,
+            **blocks, QUERY_PER_ROLLOUT=per_rollout, HAS_NEG=has_neg, SUPERVISED=supervised,
+            DOT_FP32=dot_fp32, PRECISION="ieee" if INTERPRET else FP32_DOT_PRECISION)
+        _reward_finish_kernel[(_cdiv(N, FINISH_BLOCKS["BLOCK_R"]),)](
+            out, row_stats, own, group_max, N, P, G, NQ, CB, 1.0 / tau,
             w.positive, w.negative, w.consistency, w.cross_group, w.discriminative,
-            **blocks, QUERY_PER_ROLLOUT=query.shape[0] == N, HAS_NEG=has_neg, SUPERVISED=mode == "supervised",
-            DOT_FP32=dot_fp32, PRECISION="ieee" if INTERPRET else "tf32x3",
-        )
+            **FINISH_BLOCKS, QUERY_PER_ROLLOUT=per_rollout, SUPERVISED=supervised)
     return out[0], dict(zip(REWARD_COMPONENTS, out[1:]))
 
 

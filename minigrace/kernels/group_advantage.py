@@ -6,9 +6,10 @@ Nothing here waits for the GPU. With return_stats=True the call also returns, on
 [2] = (groups whose rewards are all equal, non-finite rewards): one read of that pair is the only sync,
 and the caller does it where it already syncs (minigrace.advantage reads it for its logged fraction).
 
-Triton path: one launch, grid (P / BLOCK_P,). A program holds a [BLOCK_P, BLOCK_G] tile of rewards in
-registers (at GRACE sizes, P = 64 and G = 8, a single program does everything) and writes the
-advantages. The stats are atomic adds (the buffer is zeroed first: the only other work on the stream).
+Triton path: one launch, grid (P / BLOCK_P,), no host sync (no .item(), no branch on tensor values). A
+program holds a [BLOCK_P, BLOCK_G] tile of rewards in registers and writes the advantages. At GRACE sizes
+(P = 64, G = 8; up to MAX_TILE rewards) a single program does everything and stores the stats itself: one
+launch in all. Past one tile the stats are atomic adds into a zeroed buffer (a memset before the launch).
 """
 import torch
 
@@ -47,7 +48,7 @@ def group_advantage_reference(rewards, group_size, *, scale_std=False, eps=1e-6,
 def _group_advantage_kernel(
     rewards_ptr, adv_ptr, stats_ptr,  # [P*G] any float dtype, [P*G] fp32, int32 [2] zeroed (or None)
     P, G, stride_r, eps,
-    SCALE_STD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
+    SCALE_STD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, ONE_PROGRAM: tl.constexpr,
 ):
     groups = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
     members = tl.arange(0, BLOCK_G)  # [BLOCK_G]
@@ -68,19 +69,29 @@ def _group_advantage_kernel(
     adv = tl.where(all_equal[:, None], 0.0, tl.where(finite[:, None], adv, float("nan")))
     tl.store(adv_ptr + rows, adv, mask=ok)
     if stats_ptr is not None:
-        tl.atomic_add(stats_ptr, tl.sum((all_equal & (groups < P)).to(tl.int32), axis=0))
-        tl.atomic_add(stats_ptr + 1, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
+        n_equal = tl.sum((all_equal & (groups < P)).to(tl.int32), axis=0)
+        n_bad = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
+        if ONE_PROGRAM:  # the whole answer is here: store it (the buffer needs no zeroing, no memset launch)
+            tl.store(stats_ptr, n_equal)
+            tl.store(stats_ptr + 1, n_bad)
+        else:
+            tl.atomic_add(stats_ptr, n_equal)
+            tl.atomic_add(stats_ptr + 1, n_bad)
 
 
 def _group_advantage_triton(rewards, G, scale_std, eps, return_stats):
     N, P = rewards.shape[0], rewards.shape[0] // G
     BLOCK_G = next_pow2(G)
     BLOCK_P = max(1, min(next_pow2(P), MAX_TILE // BLOCK_G))
+    programs = (P + BLOCK_P - 1) // BLOCK_P
     adv = torch.empty(N, device=rewards.device, dtype=torch.float32)
-    stats = torch.zeros(2, device=rewards.device, dtype=torch.int32) if return_stats else None
+    stats = None
+    if return_stats:  # int32 [2]; summed by atomics (from zero) only when several programs share it
+        stats = (torch.empty if programs == 1 else torch.zeros)(2, device=rewards.device, dtype=torch.int32)
     with device_guard(rewards):
-        _group_advantage_kernel[((P + BLOCK_P - 1) // BLOCK_P,)](
-            rewards, adv, stats, P, G, rewards.stride(0), eps, SCALE_STD=scale_std, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G)
+        _group_advantage_kernel[(programs,)](
+            rewards, adv, stats, P, G, rewards.stride(0), eps, SCALE_STD=scale_std, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_G,
+            ONE_PROGRAM=programs == 1)
     return (adv, stats) if return_stats else adv
 
 
