@@ -115,7 +115,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Returns the loss of these rows (sum over their tokens / token_count) and summed statistics (0-dim tensors):
     clip_frac_sum: tokens where the clip was active, i.e. the clipped term was taken (r > 1+ε with A > 0,
     r < 1−ε with A < 0; TRL's clipped-region count; a ratio outside the band whose unclipped term is
-    the smaller loss is not clipped); dual_clip_frac_sum: tokens held at c·|A| (verl's pg_clipfrac_lower).
+    the smaller loss is not clipped); dual_clip_frac_sum: tokens held at c·|A| (verl's pg_clipfrac_lower);
+    ratio_dev_max: max |r − 1| over the response tokens.
     """
     mask = response_mask.float()
     adv = advantages[:, None]  # broadcast over the rationale's tokens
@@ -125,7 +126,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     per_token = torch.maximum(unclipped, clipped)
     # Statistics stay on the device (0-dim tensors, no host sync per micro-batch); the caller sums them.
     stats = {"clip_frac_sum": ((clipped > unclipped).float() * mask).sum().detach(),
-             "dual_clip_frac_sum": torch.zeros((), device=mask.device)}
+             "dual_clip_frac_sum": torch.zeros((), device=mask.device),
+             "ratio_dev_max": ((ratio.detach() - 1).abs() * mask).max()}  # max |r − 1| over response tokens
     if dual_clip > 0:
         bound = -adv * dual_clip  # [n, 1], positive where A < 0
         held = (adv < 0) & (per_token > bound)

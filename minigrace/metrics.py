@@ -23,6 +23,7 @@ def step_metrics(result, lr: float) -> dict:
         "frac_zero_std_groups": result.frac_zero_std,
         "clip_frac": update.clip_frac_sum / max(update.tokens, 1),
         "dual_clip_frac": update.dual_clip_frac_sum / max(update.tokens, 1),
+        "first_update_ratio_dev": update.first_update_ratio_dev,
         "kl": update.kl_sum / max(update.tokens, 1),
         "loss": update.loss / update.n_updates,
         "grad_norm": update.grad_norm / update.n_updates,

@@ -78,12 +78,13 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
-    def max(self, value: int) -> int:
+    def max(self, value: int | float) -> int | float:
+        """The largest of a number over ranks, of the same type."""
         if not self.distributed:
             return value
-        t = torch.tensor([value], device=self.device)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return type(value)(t.item())
 
     def broadcast(self, obj):
         """Rank 0's value of a small picklable object (e.g. the run directory name) on every rank."""

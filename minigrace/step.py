@@ -64,6 +64,9 @@ class UpdateStats:  # sums over every rank's micro-batches
     skipped_updates: int  # non-finite loss or gradients: dropped, never applied
     tokens: float = 0.0  # response tokens the updates saw (every rank, every PPO epoch)
     dual_clip_frac_sum: float = 0.0  # tokens held at dual_clip·|A| (A < 0, ratio far above 1)
+    # max |ratio − 1| over the first mini-batch, before the step's first optimizer step: the sampling policy's
+    # log-probs against the update's own. 0 up to float noise when both use the same forward (shares_prefix).
+    first_update_ratio_dev: float = 0.0
 
 
 @dataclass
@@ -241,6 +244,7 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     prefix, positions, main = split_prefix(main, shares_prefix(policy, cfg))  # [S], [n_main, L], rows after it
     stats = UpdateStats(0.0, 0.0, 0.0, 0.0, 0, 0)
     sums = torch.zeros(4, device=main.ids.device)  # loss, clip, dual clip, KL: on the device until the end
+    first_ratio_dev = torch.zeros((), device=main.ids.device)
     for _ in range(cfg.ppo_epochs):
         for start in range(0, main.ids.shape[0], rows_per_update):
             update_rows = torch.arange(start, start + rows_per_update, device=main.ids.device)
@@ -257,6 +261,8 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
                 if i < n_real:
                     sums += torch.stack([loss.detach().float(), s["clip_frac_sum"], s["dual_clip_frac_sum"],
                                          s.get("kl_sum", torch.zeros_like(s["clip_frac_sum"]))])
+                    if stats.n_updates == 0:  # no optimizer step yet: new and old log-probs share weights
+                        first_ratio_dev = torch.maximum(first_ratio_dev, s["ratio_dev_max"].float())
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
@@ -271,6 +277,7 @@ def update_policy(policy: Policy, optimizer, main: Rollouts, old_logprobs: torch
     stats.loss, stats.clip_frac_sum, stats.dual_clip_frac_sum, stats.kl_sum, stats.tokens = ranks.sum(
         sums.tolist() + [tokens])
     stats.loss /= ranks.world
+    stats.first_update_ratio_dev = ranks.max(float(first_ratio_dev))
     return stats
 
 

@@ -57,11 +57,11 @@ def test_missing_dependency_is_not_run_never_a_pass():
     assert result["status"] == "NOT RUN" and result["seconds"] == 0
 
 
-def test_first_update_ratio_reads_an_exact_metric_or_says_partial(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "clip_frac": 0.0, "loss": 0.1}\n')
-    status, why = gpu_check.first_update_ratio(str(tmp_path))
-    assert status == "PARTIAL" and "clip_frac" in why
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "clip_frac": 0.0, "max_abs_ratio_minus_1": 3e-7}\n')
+def test_first_update_ratio_reads_the_trainers_metric(tmp_path):
+    """The key the trainer writes (tests/test_gpu_path.py checks its value against the loss's own inputs)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_ndcg@10": 0.1}\n{"step": 1, "clip_frac": 0.0}\n')
+    assert gpu_check.first_update_ratio(str(tmp_path))[0] == "FAIL"  # no metric: never a pass
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "first_update_ratio_dev": 3e-7}\n')
     assert gpu_check.first_update_ratio(str(tmp_path))[0] == "PASS"
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "clip_frac": 0.0, "max_abs_ratio_minus_1": 2e-6}\n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "first_update_ratio_dev": 2e-6}\n')
     assert gpu_check.first_update_ratio(str(tmp_path))[0] == "FAIL"

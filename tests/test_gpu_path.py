@@ -218,6 +218,7 @@ def test_cpu_bf16_run_trains_fp32_weights_under_bf16_autocast(tiny, one_thread, 
     # Old and new log-probs are fp32 logits of bf16-autocast hidden states of the same weights: ratio 1.
     print(f"bf16 CPU: first update max |ratio - 1| = {ratio_dev:.3g}")
     assert ratio_dev <= 1e-6
+    assert logged_first_update_ratio_dev(tmp_path / "bf16") == pytest.approx(ratio_dev, abs=1e-12)
 
 
 @CHECKPOINTING
@@ -226,6 +227,14 @@ def test_fp32_cpu_run_first_update_ratio_is_one(tiny, one_thread, tmp_path, monk
     assert seen["policy"].autocast_dtype is None  # the default CPU run: no autocast
     print(f"fp32 CPU: first update max |ratio - 1| = {ratio_dev:.3g}")
     assert ratio_dev <= 1e-6
+    assert logged_first_update_ratio_dev(tmp_path / "fp32") == pytest.approx(ratio_dev, abs=1e-12)
+
+
+def logged_first_update_ratio_dev(run_dir) -> float:
+    """metrics.jsonl's first_update_ratio_dev of step 1 (what bench/gpu_check.py reads on a GPU)."""
+    import json
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return next(r["first_update_ratio_dev"] for r in rows if r.get("step") == 1 and "first_update_ratio_dev" in r)
 
 
 def test_dual_clip_holds_on_the_bf16_path(tiny):

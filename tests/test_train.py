@@ -16,7 +16,8 @@ from minigrace.train import main
 
 STEP_KEYS = {"step", "reward_mean", "reward_std", "reward_positive", "reward_consistency",
              "reward_cross_group", "reward_discriminative", "advantage_abs_mean", "frac_zero_std_groups",
-             "clip_frac", "kl", "loss", "response_len_mean", "emb_cross_cos_mean", "tokens_per_s", "step_time_s"}
+             "clip_frac", "kl", "loss", "response_len_mean", "emb_cross_cos_mean", "tokens_per_s", "step_time_s",
+             "first_update_ratio_dev"}
 
 
 def test_short_run_writes_metrics_samples_and_a_loadable_checkpoint(tiny, tmp_path):
@@ -35,6 +36,8 @@ def test_short_run_writes_metrics_samples_and_a_loadable_checkpoint(tiny, tmp_pa
     assert [r["step"] for r in evals] == [0, 3]  # before and after training
     assert all(0 <= r["eval_ndcg@10"] <= 1 and 0 <= r["eval_rationale_topic_acc"] <= 1 for r in evals)
     assert all(abs(r["reward_mean"]) < 1e3 and 0 <= r["frac_zero_std_groups"] <= 1 for r in steps)
+    # every step's first update sees the weights that sampled: the PPO ratio is 1 there
+    assert all(0 <= r["first_update_ratio_dev"] <= 1e-6 for r in steps), [r["first_update_ratio_dev"] for r in steps]
     assert json.load(open(out / "config.json"))["max_steps"] == 3
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert samples and {"input", "rationale", "reward"} <= set(samples[0])
