@@ -100,7 +100,9 @@ def test_cuda_device_has_an_index():
     assert parallel.cuda_device(torch.device("cuda"), local_rank=5) == torch.device("cuda", 5)
 
 
-def test_torchrun_on_cpu_joins_a_gloo_group(monkeypatch):
+@pytest.fixture
+def torchrun_of_one(monkeypatch):
+    """parallel.setup("cpu") as one torchrun process would run it (a real 1-rank gloo group), torn down after."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,11 +111,14 @@ def test_torchrun_on_cpu_joins_a_gloo_group(monkeypatch):
                         "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
     ranks = parallel.setup("cpu")
-    try:
-        assert torch.distributed.get_backend() == "gloo" and ranks.device == torch.device("cpu") and ranks.launched
-    finally:
-        parallel.teardown(ranks)
+    yield ranks
+    parallel.teardown(ranks)
     assert not torch.distributed.is_initialized()
+
+
+def test_torchrun_on_cpu_joins_a_gloo_group(torchrun_of_one):
+    ranks = torchrun_of_one
+    assert torch.distributed.get_backend() == "gloo" and ranks.device == torch.device("cpu") and ranks.launched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,3 +355,29 @@ def test_rollout_noise_generator_state_resumes_or_warns():
     assert set_generator_state(generator, saved_state) and torch.equal(torch.rand(4, generator=generator), expected)
     with pytest.warns(UserWarning, match="rollout-noise generator"):
         assert not set_generator_state(generator, torch.zeros(16, dtype=torch.uint8))  # a CUDA generator's state
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 gradient accumulation: every micro-batch's gradient is reduce-scattered into the sharded gradient
+
+
+def test_fsdp_accumulation_keeps_gradients_sharded_between_micro_batches(torchrun_of_one):
+    """Under Ranks.gradient_sync(sync=False) FSDP2 must still reduce-scatter: with
+    set_requires_gradient_sync(False) it would hold an unsharded fp32 gradient of every parameter until the
+    last micro-batch (4 B per parameter, even with --offload), and param.grad stays None meanwhile."""
+    from torch.distributed.fsdp import fully_shard
+    ranks = torchrun_of_one
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    plain = copy.deepcopy(model)
+    fully_shard(model)
+    batches = [torch.randn(4, 8), torch.randn(4, 8)]
+    with ranks.gradient_sync(model, sync=False):
+        model(batches[0]).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # reduce-scattered into the sharded gradient
+    with ranks.gradient_sync(model, sync=True):
+        model(batches[1]).sum().backward()
+    for x in batches:
+        plain(x).sum().backward()
+    for sharded, full in zip(model.parameters(), plain.parameters()):  # the accumulated sum of both
+        torch.testing.assert_close(sharded.grad.full_tensor(), full.grad)
