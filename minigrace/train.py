@@ -48,16 +48,20 @@ def main(cfg: GraceConfig, resume: str = "", reward_fn=compute_rewards) -> dict:
     ranks = parallel.setup(cfg.device)
     quiet_transformers()
     try:
-        check_inputs(cfg, resume)  # a mistake in a path stops the run before anything is written
-        with open_run_dir(cfg, resume, ranks) as (out_dir, resume_from):  # locked until the run ends (issue #16)
-            with StopOnSignal(ranks.is_main) as stop:  # from the start: a SIGTERM while loading still saves
-                run = start_run(cfg, ranks, out_dir, resume_from)
-                train_seconds, reward_means = train_loop(run, reward_fn, stop)
-            if stop.requested and run.step < run.total_steps:
-                return stop_early(run)
-            return finish(run, train_seconds, reward_means)
+        return train_run(cfg, resume, reward_fn, ranks)
     finally:
-        parallel.teardown(ranks)
+        parallel.teardown(ranks)  # after train_run's frame, and the model in it, are gone
+
+
+def train_run(cfg: GraceConfig, resume: str, reward_fn, ranks: parallel.Ranks) -> dict:
+    check_inputs(cfg, resume)  # a mistake in a path stops the run before anything is written
+    with open_run_dir(cfg, resume, ranks) as (out_dir, resume_from):  # locked until the run ends (issue #16)
+        with StopOnSignal(ranks.is_main) as stop:  # from the start: a SIGTERM while loading still saves
+            run = start_run(cfg, ranks, out_dir, resume_from)
+            train_seconds, reward_means = train_loop(run, reward_fn, stop)
+        if stop.requested and run.step < run.total_steps:
+            return stop_early(run)
+        return finish(run, train_seconds, reward_means)
 
 
 def quiet_transformers() -> None:

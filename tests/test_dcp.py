@@ -136,14 +136,17 @@ SLOW_RANK_0 = textwrap.dedent("""
     parallel.slow_wait_group()
     if ranks.is_main:
         time.sleep(2)  # rank 0 alone: writing, hashing, fsync
-    print(f"rank {ranks.rank} got", parallel.wait_for_main(ranks, "written" if ranks.is_main else None), flush=True)
+    got = parallel.wait_for_main(ranks, "written" if ranks.is_main else None)
+    sys.stdout.write(f"rank {ranks.rank} got {got}\\n")  # one write: the two ranks share the pipe
+    sys.stdout.flush()
     if ranks.is_main:  # the control: rank 1 waits in the process group itself, which gives up after 1 s
         time.sleep(1.5)
         os._exit(0)
     try:
         ranks.broadcast(None)
     except Exception as e:
-        print("process group:", type(e).__name__, flush=True)
+        sys.stdout.write(f"process group: {type(e).__name__}\\n")
+        sys.stdout.flush()
     os._exit(0)
 """)
 

@@ -41,6 +41,18 @@ def torchrun(out, *extra) -> subprocess.CompletedProcess:
     return run
 
 
+def assert_trained_alike(one: dict, two: dict, lr: float = 3e-5) -> None:
+    """Two trainings of the same batches (1 vs 2 processes, or resumed) agree to fp32 noise, as Adam turns it:
+    a gradient element at noise level can flip sign between them and move its weight by up to ~lr. Measured
+    on 263,616 weights (DDP and FSDP, AVX-512 and the baseline ISA): at most 10 weights differ by more than
+    1e-6 (fraction ≤ 3.8e-5), the 99.9th percentile is ≤ 7.5e-8, the largest 1.5e-5 (under lr). Any real
+    difference in what was trained (a gradient not reduced, another batch) moves most weights by ~lr."""
+    diffs = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
+    assert float((diffs > 1e-6).float().mean()) < 1e-3, int((diffs > 1e-6).sum())
+    assert float(diffs.quantile(0.999)) < 1e-6, float(diffs.quantile(0.999))
+    assert float(diffs.max()) < lr, float(diffs.max())
+
+
 def step_rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "reward_mean" in line]
 
@@ -62,9 +74,8 @@ def test_two_processes_train_like_one(one_process, kind, tmp_path):
     one, two = weights(one_process), weights(out)
     assert one.keys() == two.keys()  # full, unsharded state dict (tied lm_head saved once)
     base = load_file(os.path.join(tiny_path(), "model.safetensors"))
-    max_diff = max((one[k] - two[k]).abs().max().item() for k in one)
     moved = max((one[k] - base[k]).abs().max().item() for k in one)
-    assert max_diff < 1e-5, max_diff
+    assert_trained_alike(one, two)
     assert moved > 5e-5, moved  # the weights did train: 2 steps × 2 updates × lr
 
     # The reward saw the global batch (all-gathered embeddings): per-step metrics agree too.
@@ -76,8 +87,7 @@ def test_two_processes_train_like_one(one_process, kind, tmp_path):
         os.rename(out / "checkpoint-final", out / "two-process-final")
         cfg, resume = parse_args(["--resume", str(out)])
         main(cfg, resume)
-        resumed = weights(out)
-        assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-5
+        assert_trained_alike(one, weights(out))
 
 
 def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process, tmp_path):
@@ -92,8 +102,7 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(one_process, tmp
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming {run} from step 1" in done.stdout
-    one, resumed = weights(one_process), weights(run)
-    assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-5
+    assert_trained_alike(weights(one_process), weights(run))
 
 
 def test_two_processes_fsdp_lora_train_like_one(tiny, one_thread, tmp_path):
