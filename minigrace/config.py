@@ -53,7 +53,8 @@ class GraceConfig:
     epochs: int = _f(2, "passes over the training data when --max-steps is 0")
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     dtype: str = _f("auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32 (weights and AdamW "
-                            "states stay fp32). fp16 is refused: it needs loss scaling, which minigrace does not do",
+                            "states stay fp32; bf16 computes under autocast, on CPU too: the GPU's dtype path). "
+                            "fp16 is refused: it needs loss scaling, which minigrace does not do",
                     choices=("auto", "bf16", "fp16", "fp32"))
     log_every: int = _f(1, "write a metrics row every N steps (samples every 10*N)")
     report_to: str = _f("none", "also log every metrics row to: none, or tensorboard (event files in the run "
