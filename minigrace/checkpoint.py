@@ -155,6 +155,19 @@ def seal_checkpoint(tmp: str, trainer_state: dict | None, hashes: dict[str, str]
     write_json(os.path.join(tmp, MANIFEST), dict(sorted(hashes.items())))
 
 
+def link_checkpoint(source: str, path: str) -> str:
+    """Publish a complete checkpoint `source` also as `path` (e.g. checkpoint-final as checkpoint-best), atomically,
+    without a second copy of the weights: hard links (a full copy where the filesystem has none). Returns `path`."""
+    tmp = start_checkpoint(path, 0)
+    with removed_on_failure(path, tmp, 0):
+        try:
+            shutil.copytree(source, tmp, copy_function=os.link, dirs_exist_ok=True)
+        except OSError:  # no hard links here (EXDEV, EPERM, some network filesystems): start over, copying
+            shutil.rmtree(tmp)
+            shutil.copytree(source, tmp, copy_function=shutil.copy2)
+    return publish_checkpoint(tmp, path)
+
+
 def checkpoint_files(path: str) -> list[str]:
     """The files a checkpoint's manifest covers, relative to `path`: the top level and sharded/."""
     files = [n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and n != MANIFEST]

@@ -63,6 +63,9 @@ class GraceConfig:
     eval_every: int = _f(0, "run the held-out retrieval eval every N steps (0: only at start and end)")
     eval_tasks: str = _f("", "mteb tasks also scored at start, end and every --eval-every steps: 'builtin' "
                              "(offline), or task names like STS12,SciFact (their data must be in the local HF cache)")
+    metric_for_best: str = _f("eval_ndcg@10", "the held-out metric (higher is better) that picks <out>/checkpoint-best "
+                                              "among the evaluations after training began (--eval-every ones and "
+                                              "the final one); '' = keep no checkpoint-best")
     save_every: int = _f(50, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(0, "keep the newest N step checkpoints; older ones are deleted once the new one is "
                            "verified (0: keep all)")
@@ -176,6 +179,9 @@ class GraceConfig:
             from .models import device_problem
             if device_problem(self.device):
                 bad("device", device_problem(self.device))
+        if self.metric_for_best and self.metric_for_best not in eval_keys(self):
+            bad("metric_for_best", f"not a held-out metric this run reports: use one of {', '.join(eval_keys(self))}, "
+                                   f"or '' to keep no checkpoint-best")
         if self.dtype == "fp16":
             bad("dtype", "fp16 training needs loss scaling (a GradScaler) or its gradients underflow, and minigrace "
                          "does not scale losses: use bf16 (GPUs since Ampere) or fp32 (older GPUs)")
@@ -191,6 +197,19 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, why: str, value=None):
         self.field, self.value = field_name, value
         super().__init__(f"{flag(field_name)}: {why}")
+
+
+def eval_keys(cfg: GraceConfig) -> list[str]:
+    """The eval_* metrics a run with `cfg` reports (train.evaluate), all higher-is-better: held-out retrieval,
+    the rationale topic accuracy on the built-in data, and one eval_mteb_<Task> per --eval-tasks task."""
+    keys = ["eval_ndcg@10", "eval_mrr@10", "eval_recall@1"] + (["eval_rationale_topic_acc"]
+                                                                if cfg.data == "builtin" else [])
+    names = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
+    if any(name.lower() in ("builtin", "everyday", "realtext") for name in names):
+        from .eval import BUILTIN_TASKS, EVERYDAY_TASKS, REALTEXT_TASKS  # (imports torch: only for an offline set)
+        sets = {"builtin": BUILTIN_TASKS, "everyday": EVERYDAY_TASKS, "realtext": REALTEXT_TASKS}
+        names = [task for name in names for task in sets.get(name.lower(), (name,))]
+    return keys + [f"eval_mteb_{name}" for name in dict.fromkeys(names)]
 
 
 def flag(name: str) -> str:
@@ -237,15 +256,18 @@ PRESETS: dict[str, dict] = {
     # README's SmolLM2 recipe (bench/real_model.py), chosen by the realtext sweep there: ~25 s per step on 2
     # idle cores, 96 steps ≈ 44 min. Held-out retrieval still rises after 12 steps; STS and clustering do not.
     "smollm2-135m": dict(batch_size=8, mini_batch_size=4, group_size=4, max_new_tokens=16, max_prompt_len=256,
-                         lr=2e-5, max_steps=96, save_every=0, eval_size=48, length_penalty_mode="none"),
+                         lr=2e-5, max_steps=96, save_every=0, eval_size=48, length_penalty_mode="none",
+                         eval_every=12),
     # GRACE's backbones on one 80 GB GPU: GRACE's training, with memory settings only (they change no
     # sampled token and no update beyond float rounding). GRACE sampled on 4 H100s with vLLM and
     # trained with FSDP + CPU offload; here the peak per phase comes from bench/memory_model.py
-    # (tests/test_memory_model.py keeps every preset under 76 GiB).
-    "qwen2.5-1.5b": dict(rollout_rows=160, grad_checkpointing=True, max_tokens_per_microbatch=16384),
-    "qwen2.5-3b": dict(rollout_rows=80, grad_checkpointing=True, max_tokens_per_microbatch=16384),
-    "llama3.2-3b": dict(rollout_rows=40, grad_checkpointing=True, max_tokens_per_microbatch=16384),
-    "qwen3-4b": dict(rollout_rows=20, grad_checkpointing=True, max_tokens_per_microbatch=4096),
+    # (tests/test_memory_model.py keeps every preset under 76 GiB). And held-out eval every 50 steps (the
+    # default --save-every: each step checkpoint has its eval; checkpoint-best picks among them): 200 queries'
+    # greedy rationales cost a small fraction of a step's 512 sampled ones.
+    "qwen2.5-1.5b": dict(rollout_rows=160, grad_checkpointing=True, max_tokens_per_microbatch=16384, eval_every=50),
+    "qwen2.5-3b": dict(rollout_rows=80, grad_checkpointing=True, max_tokens_per_microbatch=16384, eval_every=50),
+    "llama3.2-3b": dict(rollout_rows=40, grad_checkpointing=True, max_tokens_per_microbatch=16384, eval_every=50),
+    "qwen3-4b": dict(rollout_rows=20, grad_checkpointing=True, max_tokens_per_microbatch=4096, eval_every=50),
 }
 # Why each preset differs from GRACE's values; the GiB are bench/memory_model.py's peaks on one GPU
 # (tests/test_memory_model.py checks them). Unbounded = all 640 rollouts at once, no checkpointing.
@@ -312,7 +334,7 @@ its own config (recipe included); only run-length, logging, eval and how-it-runs
 
 model presets (for the fields you do not set; the alias or the backbone's HF id):
 {presets}
-  The four GRACE backbone presets change memory settings only: GRACE's updates, token for token
+  The four GRACE backbone presets change memory settings (and --eval-every) only: GRACE's updates, token for token
   (bench/memory_model.py; README "Memory model").
 """
 

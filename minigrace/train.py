@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import signal
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 
 from . import lora, models, parallel
-from .checkpoint import (CheckpointError, claim_run_dir, load_trainer_state, prune_checkpoints, resume_checkpoint,
-                         rng_state, save_checkpoint, set_generator_state, set_rng_state, sharded_dir, write_json)
+from .checkpoint import (STATE_FILE, CheckpointError, claim_run_dir, link_checkpoint, load_trainer_state,
+                         prune_checkpoints, resume_checkpoint, rng_state, save_checkpoint, set_generator_state,
+                         set_rng_state, sharded_dir, write_json)
 from .config import GraceConfig, flag, resume_conflicts
 from .data import DataError, Example, PromptBatches, check_source, load_examples, split_heldout
 from .eval import MtebEncoder, heldout_retrieval, load_tasks, run_tasks
@@ -94,6 +96,7 @@ class Run:
     step: int = 0
     skipped_steps: int = 0
     eval_before: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # checkpoint-best's {"metric", "step", "value"}; {} before there is one
     log: "RunLog | None" = None  # rank 0 only
 
 
@@ -267,6 +270,24 @@ def restore(run: Run, state: dict) -> None:
     set_generator_state(run.generator, generator)
     run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
     run.eval_before = state.get("eval_before", {})
+    run.best = resumed_best(run, state.get("best") or {})
+
+
+def resumed_best(run: Run, saved: dict) -> dict:
+    """The best so far on --resume: the checkpoint's record of it, or checkpoint-best's own record when that
+    folder was written after the checkpoint resumed from (the record says what the folder holds)."""
+    best_dir = os.path.join(run.out_dir, "checkpoint-best")
+    if os.path.exists(os.path.join(best_dir, STATE_FILE)):
+        try:
+            on_disk = load_trainer_state(best_dir).get("best") or {}
+        except Exception as e:  # an unreadable checkpoint-best is replaced by the next better eval
+            on_disk = {}
+            if run.policy.ranks.is_main:
+                print(f"warning: {best_dir}: its trainer state does not load ({type(e).__name__}); "
+                      f"the next better evaluation replaces it")
+        if on_disk.get("step", -1) > saved.get("step", -1):
+            saved = on_disk
+    return saved if saved.get("metric") == run.cfg.metric_for_best else {}
 
 
 def seed_everything(seed: int) -> None:
@@ -357,6 +378,8 @@ def log_step(run: Run, row: dict, result: StepResult, bar, first: bool) -> None:
     cfg, step = run.cfg, run.step
     if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
         row.update(evaluate_run(run)[0])
+        if is_better(run, row):
+            keep_best(run, row)
     if run.log is None:
         return
     if step % cfg.log_every == 0 or step == run.total_steps:
@@ -393,7 +416,7 @@ def checkpoint(run: Run, name: str, final: bool = False) -> str:
     policy, ranks, path = run.policy, run.policy.ranks, os.path.join(run.out_dir, name)
     state = {"scheduler": run.scheduler.state_dict(), "batches": run.batches.state_dict(), "rng": rng_state(),
              "generator": run.generator.get_state(), "step": run.step, "skipped_steps": run.skipped_steps,
-             "config": run.cfg.to_dict(), "eval_before": run.eval_before,
+             "config": run.cfg.to_dict(), "eval_before": run.eval_before, "best": run.best,
              "rank_rngs": parallel.gather_to_main(ranks, (rng_state(), run.generator.get_state()))}
     if parallel.is_fsdp(policy.model) and not final:
         failed = parallel.save_sharded_checkpoint(path, policy.model, run.optimizer, policy.tokenizer, state, ranks)
@@ -420,6 +443,34 @@ def save_step_checkpoint(run: Run) -> str:
         except CheckpointError as e:
             failed = e
     failed = parallel.wait_for_main(run.policy.ranks, failed)  # (the other ranks wait on gloo meanwhile)
+    if failed is not None:
+        raise failed
+    return path
+
+
+def is_better(run: Run, metrics: dict) -> bool:
+    """Whether this evaluation (after training began) beats checkpoint-best on --metric-for-best; every rank
+    gets rank 0's answer (they all evaluate, and all take part in writing the checkpoint)."""
+    name = run.cfg.metric_for_best
+    value = metrics.get(name, float("nan")) if name else float("nan")
+    better = math.isfinite(value) and (not run.best or value > run.best["value"])
+    return bool(parallel.wait_for_main(run.policy.ranks, better))
+
+
+def keep_best(run: Run, metrics: dict, final: str = "") -> str:
+    """checkpoint-best ← the model now (every rank calls it): the same kind of folder as checkpoint-final, and
+    with `final` (the checkpoint-final just written of this same model) hard links to its files."""
+    run.best = {"metric": run.cfg.metric_for_best, "step": run.step, "value": metrics[run.cfg.metric_for_best]}
+    path = os.path.join(run.out_dir, "checkpoint-best")
+    if not final:
+        return checkpoint(run, "checkpoint-best", final=True)
+    failed = None
+    if run.policy.ranks.is_main:
+        try:
+            link_checkpoint(final, path)
+        except CheckpointError as e:
+            failed = e
+    failed = parallel.wait_for_main(run.policy.ranks, failed)
     if failed is not None:
         raise failed
     return path
@@ -473,11 +524,18 @@ def stop_early(run: Run) -> dict:
 def finish(run: Run, train_seconds: float, reward_means: list[float]) -> dict:
     """Final evaluation, the final checkpoint, summary.json and the printed summary."""
     after, examples_after = evaluate_run(run)
+    final_is_best = is_better(run, after)
+    if final_is_best:  # (the record first: checkpoint-final's trainer state holds it too)
+        run.best = {"metric": run.cfg.metric_for_best, "step": run.step, "value": after[run.cfg.metric_for_best]}
     final = checkpoint(run, "checkpoint-final", final=True)
+    if final_is_best:
+        keep_best(run, after, final=final)
+    best_dir = os.path.join(run.out_dir, "checkpoint-best")
     summary = {"steps": run.step, "mode": run.mode, "skipped_steps": run.skipped_steps,
                "reward_first10": _mean(reward_means[:10]), "reward_last10": _mean(reward_means[-10:]),
                "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
-               "eval_before": run.eval_before, "eval_after": after, "checkpoint": final}
+               "eval_before": run.eval_before, "eval_after": after, "checkpoint": final,
+               "best": {**run.best, "checkpoint": best_dir if os.path.isdir(best_dir) else None} if run.best else None}
     if run.log:
         run.log.metric({"step": run.step, **after})
         run.log.close()
@@ -533,3 +591,22 @@ def print_summary(summary: dict, examples: list[dict]) -> None:
     for ex in examples[:2]:
         print(f"  e.g. {ex['text'][:70]!r}\n       → {ex['rationale'][:90]!r}")
     print(f"  checkpoint: {summary['checkpoint']}")
+    best, name = summary.get("best"), (summary.get("best") or {}).get("metric")
+    if best and name in before and name in after:
+        print("  " + best_line(name, before[name], after[name], summary["steps"], best["step"], best["value"]))
+
+
+def best_line(metric: str, untrained: float, final: float, final_step: int, best_step: int, best_value: float) -> str:
+    """The end-of-run verdict on --metric-for-best, one line: did training make the held-out metric worse than
+    the untrained model, is the final checkpoint the best one, and if not which step checkpoint-best is."""
+    change = f"held-out {metric.removeprefix('eval_')} {untrained:.3f} → {final:.3f}"
+    best = f"checkpoint-best is step {best_step} ({best_value:.3f})"
+    if final < untrained and best_value < untrained:
+        return f"{change}: the model got worse than untrained; {best}, also worse than untrained"
+    if final < untrained:
+        return f"{change}: the model got worse than untrained; {best}"
+    if final < best_value:
+        return f"{change}: the final checkpoint is not the best; {best}"
+    if best_step != final_step:
+        return f"{change}: the final checkpoint ties the best; {best}, the earlier one"
+    return f"{change}: the final checkpoint is the best (checkpoint-best is the final step, {final_step})"

@@ -16,6 +16,7 @@ ANOTHER = dict(
     model="smollm2-135m", recipe="grace", data="everyday", mode="unsupervised", eval_data="held.jsonl",
     eval_fraction=0.1, eval_size=7, skip_bad_rows=True, out="runs/x", overwrite=True, seed=3, max_steps=9, epochs=3,
     device="cpu", dtype="fp32", log_every=2, report_to="tensorboard", eval_every=5, eval_tasks="builtin", save_every=7,
+    metric_for_best="eval_mrr@10",
     keep_last=2, max_bad_steps=4, batch_size=32, group_size=4, mini_batch_size=8, ppo_epochs=2,
     max_tokens_per_microbatch=4096,
     max_prompt_len=512, max_new_tokens=64, temperature=0.7, aux_temperature=0.3, top_p=0.9, reward="grace",
