@@ -300,6 +300,8 @@ def print_banner(run: Run) -> None:
     cfg, ranks = run.cfg, run.policy.ranks
     if not ranks.is_main:
         return
+    from tqdm.auto import tqdm
+    tqdm.get_lock()  # tqdm's lazy imports, now: a SIGTERM landing inside an import breaks CPython 3.11's import lock
     n_trainable, n_params = lora.trainable_fraction(run.policy.module)
     lora_note = f", LoRA r={cfg.lora_r}: {n_trainable / 1e6:.3f}M trainable" if cfg.lora_r else ""
     scale_note = (f" · {ranks.world} processes ({cfg.parallel}{', offload' if cfg.offload else ''})"
