@@ -105,22 +105,21 @@ def test_without_eval_every_checkpoint_best_is_checkpoint_final_and_numbers_do_n
     verify_checkpoint(str(kept / "checkpoint-best"))
 
 
-def test_the_end_of_run_line_says_when_the_model_got_worse():
-    worse = best_line("eval_ndcg@10", untrained=0.576, final=0.424, final_step=96, best_step=12, best_value=0.612)
-    assert worse == ("held-out ndcg@10 0.576 → 0.424: the model got worse than untrained; "
-                     "checkpoint-best is step 12 (0.612)")
-    not_best = best_line("eval_ndcg@10", untrained=0.576, final=0.601, final_step=96, best_step=48, best_value=0.640)
-    assert not_best == ("held-out ndcg@10 0.576 → 0.601: the final checkpoint is not the best; "
-                        "checkpoint-best is step 48 (0.640)")
-    best = best_line("eval_ndcg@10", untrained=0.576, final=0.640, final_step=96, best_step=96, best_value=0.640)
-    assert best == "held-out ndcg@10 0.576 → 0.640: the final checkpoint is the best (checkpoint-best is the final " \
-                   "step, 96)"
-    never = best_line("eval_ndcg@10", untrained=0.576, final=0.424, final_step=96, best_step=12, best_value=0.551)
-    assert never == ("held-out ndcg@10 0.576 → 0.424: the model got worse than untrained; "
-                     "checkpoint-best is step 12 (0.551), also worse than untrained")
-    tie = best_line("eval_mrr@10", untrained=0.5, final=0.6, final_step=96, best_step=48, best_value=0.6)
-    assert tie == "held-out mrr@10 0.500 → 0.600: the final checkpoint ties the best; checkpoint-best is step 48 " \
-                  "(0.600), the earlier one"
+@pytest.mark.parametrize("metric, untrained, final, best_step, best_value, expected", [
+    ("eval_ndcg@10", 0.576, 0.424, 12, 0.612, "held-out ndcg@10 0.576 → 0.424: the model got worse than untrained; "
+                                              "checkpoint-best is step 12 (0.612)"),
+    ("eval_ndcg@10", 0.576, 0.601, 48, 0.640, "held-out ndcg@10 0.576 → 0.601: the final checkpoint is not the best; "
+                                              "checkpoint-best is step 48 (0.640)"),
+    ("eval_ndcg@10", 0.576, 0.640, 96, 0.640, "held-out ndcg@10 0.576 → 0.640: the final checkpoint is the best "
+                                              "(checkpoint-best is the final step, 96)"),
+    ("eval_ndcg@10", 0.576, 0.424, 12, 0.551, "held-out ndcg@10 0.576 → 0.424: the model got worse than untrained; "
+                                              "checkpoint-best is step 12 (0.551), also worse than untrained"),
+    ("eval_mrr@10", 0.5, 0.6, 48, 0.6, "held-out mrr@10 0.500 → 0.600: the final checkpoint ties the best; "
+                                       "checkpoint-best is step 48 (0.600), the earlier one"),
+], ids=["worse", "not-best", "best", "never-better", "tie"])
+def test_the_end_of_run_line_says_when_the_model_got_worse(metric, untrained, final, best_step, best_value, expected):
+    assert best_line(metric, untrained=untrained, final=final, final_step=96, best_step=best_step,
+                     best_value=best_value) == expected
 
 
 def test_an_unknown_metric_is_one_error_line(capsys):
